@@ -1,0 +1,568 @@
+"""The pricing engine: basket + member + ruleset + moment -> priced lines, totals, points.
+
+Pure and deterministic: no I/O, no clock, no floats, no randomness.  The lane
+prices with it and head office re-runs it to audit what lanes report, so the
+same inputs must give the same outputs byte for byte.  The evaluation order is
+documented in docs/rules.md ("How a basket is priced"):
+
+1. lines excluded from discounts by the programme keep their price;
+2. line rules (percent, amount_off per unit, event_price) in (priority, id)
+   order, grouped: a group's rules combine by its stacking mode, groups apply
+   one on top of another; an ``exclusive`` rule competes alone against the
+   combined rest and the better result for the customer wins;
+3. basket rules (spend_off, amount_off per basket) on the line results, each
+   allocated to its lines by largest remainder;
+4. points on what is actually paid in earning tenders, rounded once per
+   basket and allocated back to (line, rule) pairs.
+
+Ties never raise: the earlier rule in (priority, id) order wins.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from agent.basket import Basket, Line, Member, Tender
+from agent.errors import InputError, Issue, TenderError
+from agent.money import QTY_SCALE, RATE_SCALE, allocate, div_half_up, format_fen
+from agent.ruleset import Context, Rule, Ruleset, Text
+
+# Points are computed exactly as integers over this denominator:
+# fen -> yuan (100) x earn rate (1e4) x multiplier (1e4).
+POINTS_DENOMINATOR = 100 * RATE_SCALE * RATE_SCALE
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedDiscount:
+    """A discount on one line, and the rule that gave it."""
+
+    rule_id: str
+    kind: str
+    amount_fen: int
+    label: Text
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedPoints:
+    """Points on one line, and the rule that gave them."""
+
+    rule_id: str
+    points: int
+    label: Text
+
+
+@dataclass(frozen=True, slots=True)
+class PricedLine:
+    line: Line
+    gross_fen: int
+    discounts: tuple[AppliedDiscount, ...]
+    net_fen: int
+    earning_fen: int  # the part of net paid with tenders that earn points
+    points: int
+    points_detail: tuple[AppliedPoints, ...]
+    excluded_discounts: str | None
+    excluded_points: str | None
+
+    @property
+    def discount_fen(self) -> int:
+        return self.gross_fen - self.net_fen
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A note for the cashier, in both languages, with a code the POS can act on."""
+
+    code: str
+    text: Text
+
+
+@dataclass(frozen=True, slots=True)
+class PricedTender:
+    kind: str
+    amount_fen: int
+    points: int | None
+    subkind: str | None
+    earns_points: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PricedBasket:
+    """The engine's answer; ``agent.render`` turns it into the wire JSON."""
+
+    ruleset_id: str
+    ruleset_version: str
+    at: dt.datetime
+    member: Member | None
+    tier: str | None  # the tier whose benefits were applied (None: no member benefits)
+    lines: tuple[PricedLine, ...]
+    gross_fen: int
+    discount_fen: int
+    net_fen: int
+    points: int
+    tenders: tuple[PricedTender, ...]
+    unpaid_fen: int  # net less the tenders given; counted as cash for points
+    coupons_applied: tuple[str, ...]
+    coupons_unused: tuple[str, ...]
+    messages: tuple[Message, ...]
+
+
+@dataclass(slots=True)
+class _Work:
+    """Mutable per-line state while one basket is being priced."""
+
+    line: Line
+    gross: int
+    net: int
+    discounts: list[AppliedDiscount]
+    excluded_discounts: str | None
+
+
+def _msg(code: str, zh: str, en: str) -> Message:
+    return Message(code, Text(zh, en))
+
+
+# --- line stage ------------------------------------------------------------
+
+
+def _single_line_discount(rule: Rule, line: Line, net: int, tier: str | None) -> int:
+    """What ``rule`` alone takes off a line whose current price is ``net``."""
+    if net <= 0:
+        return 0
+    if rule.kind == "percent":
+        rate = rule.rate_for(tier, line.marked_down)
+        if rate is None or rate >= RATE_SCALE:
+            return 0
+        return net - div_half_up(net * rate, RATE_SCALE)
+    if rule.kind == "amount_off":
+        return min(net, div_half_up(rule.amount * line.qty, QTY_SCALE))
+    if rule.kind == "event_price":
+        return max(0, net - div_half_up(rule.price * line.qty, QTY_SCALE))
+    return 0
+
+
+def _stack_line(rules: Sequence[Rule], work: _Work, tier: str | None) -> list[tuple[Rule, int]]:
+    """Combine the non-exclusive ``rules`` (already in order) on one line."""
+    applied: list[tuple[Rule, int]] = []
+    net = work.net
+    groups: dict[str, list[Rule]] = {}
+    for rule in rules:  # a group takes the place of its first rule in (priority, id) order
+        groups.setdefault(rule.group, []).append(rule)
+    for members in groups.values():
+        if applied and any(r.scope.skip_discounted for r in members):
+            members = [r for r in members if not r.scope.skip_discounted]  # noqa: PLW2901
+            if not members:
+                continue
+        mode = members[0].stacking
+        if mode == "best_of":
+            best: tuple[Rule, int] | None = None
+            for rule in members:
+                amount = _single_line_discount(rule, work.line, net, tier)
+                if amount > 0 and (best is None or amount > best[1]):
+                    best = (rule, amount)
+            if best is not None:
+                applied.append(best)
+                net -= best[1]
+        elif mode == "additive":
+            offs = []
+            for rule in members:
+                rate = rule.rate_for(tier, work.line.marked_down)
+                offs.append(0 if rate is None else max(0, RATE_SCALE - rate))
+            total_off = min(sum(offs), RATE_SCALE)
+            amount = net - div_half_up(net * (RATE_SCALE - total_off), RATE_SCALE)
+            for rule, part in zip(members, allocate(amount, offs) if amount else [0] * len(offs), strict=True):
+                if part:
+                    applied.append((rule, part))
+            net -= amount
+        else:  # multiplicative: each rule on top of the price so far
+            for rule in members:
+                amount = _single_line_discount(rule, work.line, net, tier)
+                if amount > 0:
+                    applied.append((rule, amount))
+                    net -= amount
+    return applied
+
+
+def _price_line_rules(work: _Work, rules: Sequence[Rule], tier: str | None) -> None:
+    stacked = [r for r in rules if r.stacking != "exclusive"]
+    best = _stack_line(stacked, work, tier)
+    best_total = sum(amount for _, amount in best)
+    for rule in rules:
+        if rule.stacking == "exclusive":
+            amount = _single_line_discount(rule, work.line, work.gross, tier)
+            if amount > best_total:
+                best, best_total = [(rule, amount)], amount
+    for rule, amount in best:
+        work.discounts.append(AppliedDiscount(rule.id, rule.kind, amount, rule.label))
+    work.net -= best_total
+
+
+# --- basket stage ----------------------------------------------------------
+
+
+def _basket_targets(rule: Rule, works: Sequence[_Work], taken: Sequence[int]) -> list[int]:
+    """Indexes of the lines a basket rule spreads over."""
+    out = []
+    for i, work in enumerate(works):
+        if work.excluded_discounts is not None or work.net - taken[i] <= 0:
+            continue
+        if not rule.scope.matches(work.line):
+            continue
+        if rule.scope.skip_discounted and (work.discounts or taken[i]):
+            continue
+        out.append(i)
+    return out
+
+
+def _basket_off(rule: Rule, base: int) -> int:
+    if rule.kind == "spend_off":
+        if base < rule.threshold:
+            return 0
+        times = base // rule.threshold if rule.repeat else 1
+        off = times * rule.off
+        if rule.max_off is not None:
+            off = min(off, rule.max_off)
+        return min(off, base)
+    return min(rule.amount, base)  # amount_off per basket
+
+
+def _apply_basket_rule(rule: Rule, works: Sequence[_Work], taken: list[int]) -> list[tuple[int, int]]:
+    targets = _basket_targets(rule, works, taken)
+    weights = [works[i].net - taken[i] for i in targets]
+    off = _basket_off(rule, sum(weights))
+    if off <= 0:
+        return []
+    parts = allocate(off, weights)
+    result = []
+    for i, part in zip(targets, parts, strict=True):
+        if part:
+            taken[i] += part
+            result.append((i, part))
+    return result
+
+
+def _stack_basket(rules: Sequence[Rule], works: Sequence[_Work]) -> tuple[list[tuple[Rule, int, int]], int]:
+    """Apply non-exclusive basket rules group by group; returns (rule, line index, amount) triples."""
+    taken = [0] * len(works)
+    applied: list[tuple[Rule, int, int]] = []
+    done: set[str] = set()
+    for rule in rules:
+        if rule.group in done:
+            continue
+        done.add(rule.group)
+        members = [r for r in rules if r.group == rule.group]
+        if rule.stacking == "best_of":
+            best: tuple[Rule, list[tuple[int, int]], list[int]] | None = None
+            best_total = 0
+            for candidate in members:
+                trial = list(taken)
+                parts = _apply_basket_rule(candidate, works, trial)
+                total = sum(p for _, p in parts)
+                if total > best_total:
+                    best, best_total = (candidate, parts, trial), total
+            if best is not None:
+                taken[:] = best[2]
+                applied.extend((best[0], i, p) for i, p in best[1])
+        else:
+            for member in members:
+                applied.extend((member, i, p) for i, p in _apply_basket_rule(member, works, taken))
+    return applied, sum(taken)
+
+
+def _price_basket_rules(rules: Sequence[Rule], works: Sequence[_Work]) -> None:
+    stacked = [r for r in rules if r.stacking != "exclusive"]
+    best, best_total = _stack_basket(stacked, works)
+    for rule in rules:
+        if rule.stacking == "exclusive":
+            taken = [0] * len(works)
+            parts = _apply_basket_rule(rule, works, taken)
+            total = sum(p for _, p in parts)
+            if total > best_total:
+                best, best_total = [(rule, i, p) for i, p in parts], total
+    for rule, i, amount in best:
+        works[i].discounts.append(AppliedDiscount(rule.id, rule.kind, amount, rule.label))
+        works[i].net -= amount
+
+
+# --- tenders ---------------------------------------------------------------
+
+
+def _check_tenders(  # noqa: C901, PLR0912 - one check per tender kind, all reported together
+    tenders: Sequence[Tender], member: Member | None, ruleset: Ruleset, due: int
+) -> tuple[list[PricedTender], list[Issue]]:
+    policy = ruleset.tenders
+    priced: list[PricedTender] = []
+    issues: list[Issue] = []
+    for index, tender in enumerate(tenders):
+        where = f"tenders[{index}]"
+        amount = tender.amount_fen or 0
+        if tender.kind == "points":
+            points = tender.points or 0
+            pp = policy.points
+            if not pp.accepted:
+                issues.append(Issue(where, "tender_not_accepted", "this programme does not take points as payment"))
+            elif member is None:
+                issues.append(Issue(where, "member_required", "paying with points needs an identified member"))
+            else:
+                if points % pp.points_per_unit:
+                    issues.append(
+                        Issue(f"{where}.points", "points_not_multiple", f"points go in blocks of {pp.points_per_unit}")
+                    )
+                if points < pp.min_points:
+                    issues.append(
+                        Issue(f"{where}.points", "points_below_minimum", f"at least {pp.min_points} points at a time")
+                    )
+                if points > member.points_balance:
+                    issues.append(
+                        Issue(
+                            f"{where}.points",
+                            "points_insufficient",
+                            f"{points} points asked, {member.points_balance} available",
+                        )
+                    )
+            amount = points // pp.points_per_unit * pp.unit_fen
+            cap = due * pp.max_share // RATE_SCALE
+            if pp.accepted and amount > cap:
+                issues.append(
+                    Issue(
+                        f"{where}.points",
+                        "points_above_share",
+                        f"points may pay at most {format_fen(cap)} of this bill; {format_fen(amount)} asked",
+                    )
+                )
+            priced.append(PricedTender("points", amount, points, tender.subkind, "points" in ruleset.earning_tenders))
+            continue
+        if tender.kind == "rebate":
+            if not policy.rebate_accepted:
+                issues.append(Issue(where, "tender_not_accepted", "this programme has no rebate money"))
+            elif member is None:
+                issues.append(Issue(where, "member_required", "rebate money needs the member's card"))
+            elif amount > member.rebate_fen:
+                issues.append(
+                    Issue(
+                        f"{where}.amount",
+                        "rebate_insufficient",
+                        f"{format_fen(amount)} asked, {format_fen(member.rebate_fen)} available",
+                    )
+                )
+        elif tender.kind == "stored_value" and not policy.stored_value_accepted:
+            issues.append(Issue(where, "tender_not_accepted", "this programme does not take stored-value cards"))
+        priced.append(PricedTender(tender.kind, amount, None, tender.subkind, tender.kind in ruleset.earning_tenders))
+    total = sum(t.amount_fen for t in priced)
+    if total > due:
+        issues.append(
+            Issue("tenders", "tenders_exceed_due", f"tenders total {format_fen(total)} but {format_fen(due)} is due")
+        )
+    return priced, issues
+
+
+# --- points ----------------------------------------------------------------
+
+
+def _round_points(numerator: int, mode: str) -> int:
+    if mode == "floor":
+        return numerator // POINTS_DENOMINATOR
+    if mode == "ceil":
+        return -(-numerator // POINTS_DENOMINATOR)
+    return div_half_up(numerator, POINTS_DENOMINATOR)
+
+
+def _points(
+    works: Sequence[_Work], earning: Sequence[int], ruleset: Ruleset, active: frozenset[int], tier: str | None
+) -> tuple[list[list[AppliedPoints]], list[str | None]]:
+    """Points per line by rule: exact per (line, rule), rounded once, allocated back."""
+    components: list[tuple[int, Rule, int]] = []  # (line index, rule, exact numerator)
+    excluded: list[str | None] = []
+    for i, work in enumerate(works):
+        reason = ruleset.points_exclusion.reason(work.line)
+        excluded.append(reason)
+        if reason is not None or tier is None or earning[i] <= 0:
+            continue
+        rules = [
+            r for r in ruleset.points_rules.candidates(work.line) if r.order in active and r.scope.matches(work.line)
+        ]
+        blockers = [r for r in rules if r.kind == "no_points"]
+        if blockers:
+            components.append((i, blockers[0], 0))
+            continue
+        earn: tuple[Rule, int] | None = None
+        for rule in rules:
+            if rule.kind == "earn":
+                rate = rule.rate_for(tier, False)
+                if rate is not None and rate > 0 and (earn is None or rate > earn[1]):
+                    earn = (rule, rate)
+        if earn is None:
+            continue
+        base = earning[i] * earn[1]
+        components.append((i, earn[0], base * RATE_SCALE))
+        best_in_group: dict[str, Rule] = {}
+        for rule in rules:
+            if rule.kind == "points_multiplier" and rule.factor > RATE_SCALE:
+                current = best_in_group.get(rule.group)
+                if current is None or rule.factor > current.factor:
+                    best_in_group[rule.group] = rule
+        for rule in sorted(best_in_group.values(), key=lambda r: r.order):
+            components.append((i, rule, base * (rule.factor - RATE_SCALE)))
+    total = _round_points(sum(c[2] for c in components), ruleset.points_rounding)
+    shares = allocate(total, [c[2] for c in components]) if components else []
+    per_line: list[list[AppliedPoints]] = [[] for _ in works]
+    for (i, rule, _), share in zip(components, shares, strict=True):
+        per_line[i].append(AppliedPoints(rule.id, share, rule.label))
+    return per_line, excluded
+
+
+# --- the engine ------------------------------------------------------------
+
+
+def context_for(at: dt.datetime, member: Member | None, ruleset: Ruleset, coupons: Sequence[str]) -> Context:
+    """The condition context for ``member`` at ``at`` in the ruleset's time zone."""
+    local = at.astimezone(ruleset.timezone)
+    return Context(
+        day=local.date(),
+        minute=local.hour * 60 + local.minute,
+        tier=None if member is None else member.tier_on(local.date()),
+        card_kind=None if member is None else member.card_kind,
+        birthday=None if member is None else member.birthday,
+        coupons=frozenset(coupons),
+    )
+
+
+def price(  # noqa: C901, PLR0912, PLR0915 - the pipeline reads best in one place
+    basket: Basket, member: Member | None, ruleset: Ruleset, at: dt.datetime | None = None
+) -> PricedBasket:
+    """Price ``basket`` for ``member`` (or a guest) under ``ruleset`` at ``at``.
+
+    ``at`` defaults to the basket's own ``at``; one of them must be given (the
+    engine never reads the clock).  Raises InputError for an inconsistent
+    request and TenderError when the tenders do not fit.
+    """
+    when = at or basket.at
+    if when is None or when.utcoffset() is None:
+        raise InputError([Issue("at", "time_required", "a time with UTC offset is required")], what="request")
+    if member is not None and basket.member_id is not None and basket.member_id != member.member_id:
+        raise InputError(
+            [Issue("member_id", "member_mismatch", "the basket names another member than the one given")],
+            what="request",
+        )
+    messages: list[Message] = []
+    local = when.astimezone(ruleset.timezone)
+    benefits_member = member
+    conflicting = [
+        t for t in basket.tenders if t.kind == "stored_value" and t.subkind in ruleset.tenders.no_member_benefits_with
+    ]
+    if member is not None and conflicting:
+        if ruleset.tenders.on_conflict == "reject":
+            raise TenderError(
+                [
+                    Issue(
+                        "tenders",
+                        "stored_value_conflict",
+                        f"a {conflicting[0].subkind} stored-value card cannot be used with a member card",
+                    )
+                ]
+            )
+        benefits_member = None
+        messages.append(
+            _msg(
+                "stored_value_no_member_benefits",
+                "该储值卡不可与会员卡同时使用，本单不享受会员优惠和积分",
+                "This stored-value card cannot be combined with the member card: no member benefits on this sale",
+            )
+        )
+    tier = None if benefits_member is None else benefits_member.tier_on(local.date())
+    if tier is not None and tier not in ruleset.tier_labels:
+        messages.append(
+            _msg(
+                "unknown_tier",
+                f"会员等级 {tier} 不在当前规则中，本单按非会员计价",
+                f"Tier {tier} is not in this ruleset: priced without member benefits",
+            )
+        )
+        tier = None
+    if tier is not None and member is not None and member.next_tier_from == local.date():
+        label = ruleset.tier_labels.get(tier)
+        if label is not None:
+            messages.append(
+                _msg("tier_effective_today", f"今日起享受{label.zh_cn}权益", f"{label.en} benefits apply from today")
+            )
+    ctx = context_for(when, benefits_member if tier is not None else None, ruleset, basket.coupons)
+    active = ruleset.active(ctx)
+
+    works: list[_Work] = []
+    for line in basket.lines:
+        gross = div_half_up(line.unit_fen * line.qty, QTY_SCALE)
+        works.append(_Work(line, gross, gross, [], ruleset.discount_exclusion.reason(line)))
+
+    for work in works:
+        if work.excluded_discounts is not None:
+            continue
+        rules = [
+            r for r in ruleset.line_rules.candidates(work.line) if r.order in active and r.scope.matches(work.line)
+        ]
+        if rules:
+            _price_line_rules(work, rules, tier)
+
+    basket_rules = [r for r in ruleset.basket_rules if r.order in active]
+    if basket_rules:
+        _price_basket_rules(basket_rules, works)
+
+    gross_total = sum(w.gross for w in works)
+    net_total = sum(w.net for w in works)
+    tenders, issues = _check_tenders(basket.tenders, benefits_member, ruleset, net_total)
+    if issues:
+        raise TenderError(issues)
+    non_earning = sum(t.amount_fen for t in tenders if not t.earns_points)
+    shares = allocate(non_earning, [w.net for w in works]) if non_earning else [0] * len(works)
+    earning = [w.net - s for w, s in zip(works, shares, strict=True)]
+    points_by_line, points_excluded = _points(works, earning, ruleset, active, tier)
+
+    used = {d.rule_id for w in works for d in w.discounts}
+    coupons_applied = []
+    coupons_unused = []
+    for code in basket.coupons:
+        if any(r.when.coupon == code and r.id in used for r in ruleset.rules):
+            coupons_applied.append(code)
+        else:
+            coupons_unused.append(code)
+            known = code in ruleset.coupon_codes
+            messages.append(
+                _msg(
+                    "coupon_not_applicable" if known else "coupon_unknown",
+                    f"券 {code} 不适用于本单" if known else f"券 {code} 无效",
+                    f"Coupon {code} does not apply to this basket" if known else f"Coupon {code} is not recognised",
+                )
+            )
+
+    priced_lines = []
+    for work, detail, excluded_points, earn in zip(works, points_by_line, points_excluded, earning, strict=True):
+        priced_lines.append(
+            PricedLine(
+                line=work.line,
+                gross_fen=work.gross,
+                discounts=tuple(work.discounts),
+                net_fen=work.net,
+                earning_fen=earn,
+                points=sum(p.points for p in detail),
+                points_detail=tuple(detail),
+                excluded_discounts=work.excluded_discounts,
+                excluded_points=excluded_points,
+            )
+        )
+    return PricedBasket(
+        ruleset_id=ruleset.id,
+        ruleset_version=ruleset.version,
+        at=local,
+        member=member,
+        tier=tier,
+        lines=tuple(priced_lines),
+        gross_fen=gross_total,
+        discount_fen=gross_total - net_total,
+        net_fen=net_total,
+        points=sum(p.points for p in priced_lines),
+        tenders=tuple(tenders),
+        unpaid_fen=net_total - sum(t.amount_fen for t in tenders),
+        coupons_applied=tuple(coupons_applied),
+        coupons_unused=tuple(coupons_unused),
+        messages=tuple(messages),
+    )

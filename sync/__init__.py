@@ -1,0 +1,1 @@
+"""Synchronisation between lanes and head office (lane uplink and head-office services)."""

@@ -1,0 +1,1 @@
+"""Head office: ingest, audit re-pricing and the member centre."""
