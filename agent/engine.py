@@ -131,7 +131,7 @@ def _single_line_discount(rule: Rule, line: Line, net: int, tier: str | None) ->
     if net <= 0:
         return 0
     if rule.kind == "percent":
-        rate = rule.rate_for(tier, line.marked_down)
+        rate = rule.rate_for(tier, marked_down=line.marked_down)
         if rate is None or rate >= RATE_SCALE:
             return 0
         return net - div_half_up(net * rate, RATE_SCALE)
@@ -142,45 +142,55 @@ def _single_line_discount(rule: Rule, line: Line, net: int, tier: str | None) ->
     return 0
 
 
+def _best_of(members: Sequence[Rule], work: _Work, net: int, tier: str | None) -> list[tuple[Rule, int]]:
+    best: tuple[Rule, int] | None = None
+    for rule in members:
+        amount = _single_line_discount(rule, work.line, net, tier)
+        if amount > 0 and (best is None or amount > best[1]):  # ties keep the earlier rule
+            best = (rule, amount)
+    return [] if best is None else [best]
+
+
+def _additive(members: Sequence[Rule], work: _Work, net: int, tier: str | None) -> list[tuple[Rule, int]]:
+    offs = []
+    for rule in members:
+        rate = rule.rate_for(tier, marked_down=work.line.marked_down)
+        offs.append(0 if rate is None else max(0, RATE_SCALE - rate))
+    total_off = min(sum(offs), RATE_SCALE)
+    amount = net - div_half_up(net * (RATE_SCALE - total_off), RATE_SCALE)
+    if amount <= 0:
+        return []
+    # One rounding for the summed rate, then each rule's share of it by largest remainder.
+    return [(rule, part) for rule, part in zip(members, allocate(amount, offs), strict=True) if part]
+
+
+def _multiplicative(members: Sequence[Rule], work: _Work, net: int, tier: str | None) -> list[tuple[Rule, int]]:
+    applied = []
+    for rule in members:
+        amount = _single_line_discount(rule, work.line, net, tier)
+        if amount > 0:
+            applied.append((rule, amount))
+            net -= amount
+    return applied
+
+
+_COMBINE = {"best_of": _best_of, "additive": _additive, "multiplicative": _multiplicative}
+
+
 def _stack_line(rules: Sequence[Rule], work: _Work, tier: str | None) -> list[tuple[Rule, int]]:
-    """Combine the non-exclusive ``rules`` (already in order) on one line."""
+    """Combine the non-exclusive ``rules`` (already in order) on one line, group by group."""
     applied: list[tuple[Rule, int]] = []
     net = work.net
     groups: dict[str, list[Rule]] = {}
     for rule in rules:  # a group takes the place of its first rule in (priority, id) order
         groups.setdefault(rule.group, []).append(rule)
-    for members in groups.values():
-        if applied and any(r.scope.skip_discounted for r in members):
-            members = [r for r in members if not r.scope.skip_discounted]  # noqa: PLW2901
-            if not members:
-                continue
-        mode = members[0].stacking
-        if mode == "best_of":
-            best: tuple[Rule, int] | None = None
-            for rule in members:
-                amount = _single_line_discount(rule, work.line, net, tier)
-                if amount > 0 and (best is None or amount > best[1]):
-                    best = (rule, amount)
-            if best is not None:
-                applied.append(best)
-                net -= best[1]
-        elif mode == "additive":
-            offs = []
-            for rule in members:
-                rate = rule.rate_for(tier, work.line.marked_down)
-                offs.append(0 if rate is None else max(0, RATE_SCALE - rate))
-            total_off = min(sum(offs), RATE_SCALE)
-            amount = net - div_half_up(net * (RATE_SCALE - total_off), RATE_SCALE)
-            for rule, part in zip(members, allocate(amount, offs) if amount else [0] * len(offs), strict=True):
-                if part:
-                    applied.append((rule, part))
-            net -= amount
-        else:  # multiplicative: each rule on top of the price so far
-            for rule in members:
-                amount = _single_line_discount(rule, work.line, net, tier)
-                if amount > 0:
-                    applied.append((rule, amount))
-                    net -= amount
+    for group in groups.values():
+        members = [r for r in group if not (applied and r.scope.skip_discounted)]
+        if not members:
+            continue
+        step = _COMBINE[members[0].stacking](members, work, net, tier)
+        applied.extend(step)
+        net -= sum(amount for _, amount in step)
     return applied
 
 
@@ -368,10 +378,39 @@ def _round_points(numerator: int, mode: str) -> int:
     return div_half_up(numerator, POINTS_DENOMINATOR)
 
 
+def _line_points_components(rules: Sequence[Rule], earning_fen: int, tier: str) -> list[tuple[Rule, int]]:
+    """Exact points numerators (over POINTS_DENOMINATOR) for one line, by rule."""
+    blockers = [r for r in rules if r.kind == "no_points"]
+    if blockers:
+        return [(blockers[0], 0)]  # named, so the cashier sees why the line earns nothing
+    earn: tuple[Rule, int] | None = None
+    for rule in rules:
+        if rule.kind == "earn":
+            rate = rule.rate_for(tier, marked_down=False)
+            if rate is not None and rate > 0 and (earn is None or rate > earn[1]):
+                earn = (rule, rate)
+    if earn is None:
+        return []
+    base = earning_fen * earn[1]
+    out = [(earn[0], base * RATE_SCALE)]
+    best_in_group: dict[str, Rule] = {}
+    for rule in rules:
+        if rule.kind == "points_multiplier" and rule.factor > RATE_SCALE:
+            current = best_in_group.get(rule.group)
+            if current is None or rule.factor > current.factor:
+                best_in_group[rule.group] = rule
+    out.extend((rule, base * (rule.factor - RATE_SCALE)) for rule in sorted(best_in_group.values(), key=_order))
+    return out
+
+
+def _order(rule: Rule) -> int:
+    return rule.order
+
+
 def _points(
     works: Sequence[_Work], earning: Sequence[int], ruleset: Ruleset, active: frozenset[int], tier: str | None
 ) -> tuple[list[list[AppliedPoints]], list[str | None]]:
-    """Points per line by rule: exact per (line, rule), rounded once, allocated back."""
+    """Points per line by rule: exact per (line, rule), rounded once per basket, allocated back."""
     components: list[tuple[int, Rule, int]] = []  # (line index, rule, exact numerator)
     excluded: list[str | None] = []
     for i, work in enumerate(works):
@@ -379,31 +418,9 @@ def _points(
         excluded.append(reason)
         if reason is not None or tier is None or earning[i] <= 0:
             continue
-        rules = [
-            r for r in ruleset.points_rules.candidates(work.line) if r.order in active and r.scope.matches(work.line)
-        ]
-        blockers = [r for r in rules if r.kind == "no_points"]
-        if blockers:
-            components.append((i, blockers[0], 0))
-            continue
-        earn: tuple[Rule, int] | None = None
-        for rule in rules:
-            if rule.kind == "earn":
-                rate = rule.rate_for(tier, False)
-                if rate is not None and rate > 0 and (earn is None or rate > earn[1]):
-                    earn = (rule, rate)
-        if earn is None:
-            continue
-        base = earning[i] * earn[1]
-        components.append((i, earn[0], base * RATE_SCALE))
-        best_in_group: dict[str, Rule] = {}
-        for rule in rules:
-            if rule.kind == "points_multiplier" and rule.factor > RATE_SCALE:
-                current = best_in_group.get(rule.group)
-                if current is None or rule.factor > current.factor:
-                    best_in_group[rule.group] = rule
-        for rule in sorted(best_in_group.values(), key=lambda r: r.order):
-            components.append((i, rule, base * (rule.factor - RATE_SCALE)))
+        line = work.line
+        rules = [r for r in ruleset.points_rules.candidates(line) if r.order in active and r.scope.matches(line)]
+        components.extend((i, rule, numerator) for rule, numerator in _line_points_components(rules, earning[i], tier))
     total = _round_points(sum(c[2] for c in components), ruleset.points_rounding)
     shares = allocate(total, [c[2] for c in components]) if components else []
     per_line: list[list[AppliedPoints]] = [[] for _ in works]

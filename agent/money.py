@@ -29,7 +29,7 @@ def _split_decimal(text: str, places: int) -> int:
     if negative:
         text = text[1:]
     whole, _, frac = text.partition(".")
-    value = int(whole) * 10**places + int((frac + "0" * places)[:places] or "0")
+    value: int = int(whole) * 10**places + int((frac + "0" * places)[:places] or "0")
     return -value if negative else value
 
 

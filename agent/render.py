@@ -100,7 +100,7 @@ def _pad(text: str, width: int, *, right: bool = False) -> str:
     return gap + text if right else text + gap
 
 
-def explain(priced: PricedBasket, lang: str = "zh-CN") -> str:
+def explain(priced: PricedBasket, lang: str = "zh-CN") -> str:  # noqa: C901 - one row kind per branch
     """A cashier-readable table: each line, each discount and point with the rule behind it."""
 
     def say(text: Text) -> str:

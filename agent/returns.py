@@ -78,8 +78,9 @@ def price_return(
             )
     if issues:
         raise ReturnError(issues, what="return")
+    position = {line.line_id: index for index, line in enumerate(sold)}
     out = []
-    for line_id in sorted(request, key=lambda i: [s.line_id for s in sold].index(i)):
+    for line_id in sorted(request, key=position.__getitem__):
         line = by_id[line_id]
         done = previous.get(line_id, Returned())
         returned_after = done.qty + request[line_id]

@@ -86,7 +86,7 @@ class CompiledWhen:
             birthday=when.birthday,
         )
 
-    def holds(self, ctx: Context) -> bool:  # noqa: C901, PLR0911 - a flat list of independent checks
+    def holds(self, ctx: Context) -> bool:  # noqa: C901, PLR0911, PLR0912 - a flat list of independent checks
         """True when every condition given holds at ``ctx``."""
         if self.member and ctx.tier is None:
             return False
@@ -156,7 +156,7 @@ class CompiledScope:
             skip_discounted=scope.skip_discounted,
         )
 
-    def matches(self, line: Line) -> bool:
+    def matches(self, line: Line) -> bool:  # noqa: PLR0911 - a flat list of independent checks
         """True when the rule may touch ``line`` (before the already-discounted check)."""
         if self.skus is not None or self.categories is not None:
             in_sku = self.skus is not None and line.sku in self.skus
@@ -361,7 +361,7 @@ def _compile_rule(spec: RuleSpec, order: int) -> Rule:
     )
 
 
-def _cross_check(spec: RulesetSpec, source: str) -> list[Issue]:  # noqa: C901 - one pass of independent checks
+def _cross_check(spec: RulesetSpec, source: str) -> list[Issue]:  # noqa: C901, PLR0912 - independent checks
     issues: list[Issue] = []
 
     def bad(where: str, message: str, code: str = "inconsistent") -> None:
@@ -423,7 +423,8 @@ def _annotate_rule_ids(issues: list[Issue], raw: Mapping[str, Any]) -> list[Issu
             index = int(issue.field[6 : issue.field.index("]")])
             rule_id = rules[index].get("id") if index < len(rules) and isinstance(rules[index], dict) else None
             if isinstance(rule_id, str):
-                issue = Issue(issue.field, issue.code, f"{issue.message} (rule {rule_id!r})", issue.source)
+                out.append(Issue(issue.field, issue.code, f"{issue.message} (rule {rule_id!r})", issue.source))
+                continue
         out.append(issue)
     return out
 

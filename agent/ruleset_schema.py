@@ -89,7 +89,7 @@ class Exclusions(_Strict):
 class PointsPolicy(_Strict):
     rounding: Literal["floor", "half_up", "ceil"] = "floor"
     earning_tenders: list[TenderKind] = Field(
-        default_factory=lambda: ["cash", "bank_card"],
+        default_factory=lambda: list[TenderKind](["cash", "bank_card"]),
         description="tenders whose amount earns points; the unspecified rest counts as cash",
     )
 

@@ -1,0 +1,58 @@
+"""`make demo` (for now): price the sample baskets of every shipped programme and explain them.
+
+Each programme's samples live in config/samples/<ruleset id>/ with a
+scenarios.json listing the baskets and members to price.  Later issues turn
+this into the full lane + head-office demo.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from agent.basket import parse_basket, parse_member
+from agent.engine import price
+from agent.errors import InputError
+from agent.money import format_fen
+from agent.render import explain
+from agent.ruleset import load_ruleset
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> int:
+    rules_dir = ROOT / "config" / "rules"
+    samples_dir = ROOT / "config" / "samples"
+    total_baskets = 0
+    for rules_path in sorted(rules_dir.glob("*.toml")):
+        ruleset = load_ruleset(rules_path)
+        scenarios_path = samples_dir / ruleset.id / "scenarios.json"
+        print(f"\n=== {ruleset.name.zh_cn} / {ruleset.name.en}  ({rules_path.relative_to(ROOT)}, v{ruleset.version})")
+        if not scenarios_path.exists():
+            print("  (no sample baskets)")
+            continue
+        for scenario in json.loads(scenarios_path.read_text(encoding="utf-8")):
+            basket_file = scenarios_path.parent / scenario["basket"]
+            basket = parse_basket(json.loads(basket_file.read_text(encoding="utf-8")), source=str(basket_file))
+            member = None
+            if scenario.get("member"):
+                member_file = scenarios_path.parent / scenario["member"]
+                member = parse_member(json.loads(member_file.read_text(encoding="utf-8")), source=str(member_file))
+            print(f"\n--- {scenario['title_zh']} / {scenario['title_en']}")
+            try:
+                priced = price(basket, member, ruleset)
+            except InputError as exc:
+                # A scenario may show a refusal on purpose (e.g. too many points).
+                print(f"refused: {exc}")
+                continue
+            print(explain(priced))
+            print(f"(saved {format_fen(priced.discount_fen)}, {priced.points} points)")
+            total_baskets += 1
+    print(f"\npriced {total_baskets} sample baskets.  Rules: docs/rules.md   POS API: docs/pos-api.md")
+    print("try: .venv/bin/lane-agent price --rules config/rules/888-mall.toml --basket <basket.json> --explain")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
