@@ -23,10 +23,12 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from agent.basket import Basket, Line, Member, Tender
 from agent.errors import InputError, Issue, TenderError
 from agent.money import QTY_SCALE, RATE_SCALE, allocate, div_half_up, format_fen
+from agent.plan import Group, LinePlan, Step, plan_for
 from agent.ruleset import Context, Rule, Ruleset, Text
 
 # Points are computed exactly as integers over this denominator:
@@ -34,8 +36,11 @@ from agent.ruleset import Context, Rule, Ruleset, Text
 POINTS_DENOMINATOR = 100 * RATE_SCALE * RATE_SCALE
 
 
-@dataclass(frozen=True, slots=True)
-class AppliedDiscount:
+# The per-line result types are NamedTuples rather than frozen dataclasses: just as
+# immutable, and several times cheaper to build, which matters at 30 lines x 5,000 baskets/s.
+
+
+class AppliedDiscount(NamedTuple):
     """A discount on one line, and the rule that gave it."""
 
     rule_id: str
@@ -44,8 +49,7 @@ class AppliedDiscount:
     label: Text
 
 
-@dataclass(frozen=True, slots=True)
-class AppliedPoints:
+class AppliedPoints(NamedTuple):
     """Points on one line, and the rule that gave them."""
 
     rule_id: str
@@ -53,8 +57,9 @@ class AppliedPoints:
     label: Text
 
 
-@dataclass(frozen=True, slots=True)
-class PricedLine:
+class PricedLine(NamedTuple):
+    """One priced line: its gross, each discount, the net it costs and its points."""
+
     line: Line
     gross_fen: int
     discounts: tuple[AppliedDiscount, ...]
@@ -117,6 +122,7 @@ class _Work:
     net: int
     discounts: list[AppliedDiscount]
     excluded_discounts: str | None
+    plan: LinePlan
 
 
 def _msg(code: str, zh: str, en: str) -> Message:
@@ -126,86 +132,71 @@ def _msg(code: str, zh: str, en: str) -> Message:
 # --- line stage ------------------------------------------------------------
 
 
-def _single_line_discount(rule: Rule, line: Line, net: int, tier: str | None) -> int:
-    """What ``rule`` alone takes off a line whose current price is ``net``."""
+def _step_amount(step: Step, qty: int, net: int) -> int:
+    """What one rule alone takes off a line whose current price is ``net``."""
     if net <= 0:
         return 0
-    if rule.kind == "percent":
-        rate = rule.rate_for(tier, marked_down=line.marked_down)
-        if rate is None or rate >= RATE_SCALE:
-            return 0
-        return net - div_half_up(net * rate, RATE_SCALE)
-    if rule.kind == "amount_off":
-        return min(net, div_half_up(rule.amount * line.qty, QTY_SCALE))
-    if rule.kind == "event_price":
-        return max(0, net - div_half_up(rule.price * line.qty, QTY_SCALE))
-    return 0
+    if step.percent:
+        # The price paid is rounded half up to the fen; the discount is the difference.
+        return net - (2 * net * step.value + RATE_SCALE) // (2 * RATE_SCALE)
+    per_line = (2 * step.value * qty + QTY_SCALE) // (2 * QTY_SCALE)
+    if step.rule.kind == "amount_off":
+        return min(net, per_line)
+    return max(0, net - per_line)  # event_price
 
 
-def _best_of(members: Sequence[Rule], work: _Work, net: int, tier: str | None) -> list[tuple[Rule, int]]:
-    best: tuple[Rule, int] | None = None
-    for rule in members:
-        amount = _single_line_discount(rule, work.line, net, tier)
-        if amount > 0 and (best is None or amount > best[1]):  # ties keep the earlier rule
-            best = (rule, amount)
-    return [] if best is None else [best]
-
-
-def _additive(members: Sequence[Rule], work: _Work, net: int, tier: str | None) -> list[tuple[Rule, int]]:
-    offs = []
-    for rule in members:
-        rate = rule.rate_for(tier, marked_down=work.line.marked_down)
-        offs.append(0 if rate is None else max(0, RATE_SCALE - rate))
-    total_off = min(sum(offs), RATE_SCALE)
-    amount = net - div_half_up(net * (RATE_SCALE - total_off), RATE_SCALE)
-    if amount <= 0:
-        return []
-    # One rounding for the summed rate, then each rule's share of it by largest remainder.
-    return [(rule, part) for rule, part in zip(members, allocate(amount, offs), strict=True) if part]
-
-
-def _multiplicative(members: Sequence[Rule], work: _Work, net: int, tier: str | None) -> list[tuple[Rule, int]]:
-    applied = []
-    for rule in members:
-        amount = _single_line_discount(rule, work.line, net, tier)
+def _combine(group: Group, steps: Sequence[Step], qty: int, net: int) -> list[tuple[Rule, int]]:
+    if group.mode == "best_of":
+        best: tuple[Rule, int] | None = None
+        for step in steps:
+            amount = _step_amount(step, qty, net)
+            if amount > 0 and (best is None or amount > best[1]):  # ties keep the earlier rule
+                best = (step.rule, amount)
+        return [] if best is None else [best]
+    if group.mode == "additive":
+        offs = [RATE_SCALE - step.value for step in steps]
+        total_off = min(sum(offs), RATE_SCALE)
+        amount = net - div_half_up(net * (RATE_SCALE - total_off), RATE_SCALE)
+        if amount <= 0:
+            return []
+        # One rounding for the summed rate, then each rule's share of it by largest remainder.
+        return [(s.rule, part) for s, part in zip(steps, allocate(amount, offs), strict=True) if part]
+    applied = []  # multiplicative: each rule on top of the price so far
+    for step in steps:
+        amount = _step_amount(step, qty, net)
         if amount > 0:
-            applied.append((rule, amount))
+            applied.append((step.rule, amount))
             net -= amount
     return applied
 
 
-_COMBINE = {"best_of": _best_of, "additive": _additive, "multiplicative": _multiplicative}
-
-
-def _stack_line(rules: Sequence[Rule], work: _Work, tier: str | None) -> list[tuple[Rule, int]]:
-    """Combine the non-exclusive ``rules`` (already in order) on one line, group by group."""
+def _price_line(work: _Work, plan: LinePlan) -> None:
+    """Line stage for one line: groups one on top of another, exclusive rules against the stack."""
+    qty = work.line.qty
+    gross = work.gross
     applied: list[tuple[Rule, int]] = []
-    net = work.net
-    groups: dict[str, list[Rule]] = {}
-    for rule in rules:  # a group takes the place of its first rule in (priority, id) order
-        groups.setdefault(rule.group, []).append(rule)
-    for group in groups.values():
-        members = [r for r in group if not (applied and r.scope.skip_discounted)]
-        if not members:
-            continue
-        step = _COMBINE[members[0].stacking](members, work, net, tier)
-        applied.extend(step)
-        net -= sum(amount for _, amount in step)
-    return applied
-
-
-def _price_line_rules(work: _Work, rules: Sequence[Rule], tier: str | None) -> None:
-    stacked = [r for r in rules if r.stacking != "exclusive"]
-    best = _stack_line(stacked, work, tier)
-    best_total = sum(amount for _, amount in best)
-    for rule in rules:
-        if rule.stacking == "exclusive":
-            amount = _single_line_discount(rule, work.line, work.gross, tier)
-            if amount > best_total:
-                best, best_total = [(rule, amount)], amount
-    for rule, amount in best:
-        work.discounts.append(AppliedDiscount(rule.id, rule.kind, amount, rule.label))
-    work.net -= best_total
+    net = gross
+    for group in plan.groups:
+        steps: Sequence[Step] = group.steps
+        if applied and group.skips:
+            steps = [s for s in steps if not s.skip_discounted]
+        if group.mode == "multiplicative":  # the common case, inlined: each rule on top of the last
+            for step in steps:
+                amount = _step_amount(step, qty, net)
+                if amount > 0:
+                    applied.append((step.rule, amount))
+                    net -= amount
+        elif steps:
+            for pair in _combine(group, steps, qty, net):
+                applied.append(pair)
+                net -= pair[1]
+    best_total = gross - net
+    for step in plan.exclusive:
+        amount = _step_amount(step, qty, gross)
+        if amount > best_total:  # a tie keeps the combined stack, then the earlier exclusive rule
+            applied, best_total = [(step.rule, amount)], amount
+    work.discounts = [AppliedDiscount(rule.id, rule.kind, amount, rule.label) for rule, amount in applied]
+    work.net = gross - best_total
 
 
 # --- basket stage ----------------------------------------------------------
@@ -378,55 +369,22 @@ def _round_points(numerator: int, mode: str) -> int:
     return div_half_up(numerator, POINTS_DENOMINATOR)
 
 
-def _line_points_components(rules: Sequence[Rule], earning_fen: int, tier: str) -> list[tuple[Rule, int]]:
-    """Exact points numerators (over POINTS_DENOMINATOR) for one line, by rule."""
-    blockers = [r for r in rules if r.kind == "no_points"]
-    if blockers:
-        return [(blockers[0], 0)]  # named, so the cashier sees why the line earns nothing
-    earn: tuple[Rule, int] | None = None
-    for rule in rules:
-        if rule.kind == "earn":
-            rate = rule.rate_for(tier, marked_down=False)
-            if rate is not None and rate > 0 and (earn is None or rate > earn[1]):
-                earn = (rule, rate)
-    if earn is None:
-        return []
-    base = earning_fen * earn[1]
-    out = [(earn[0], base * RATE_SCALE)]
-    best_in_group: dict[str, Rule] = {}
-    for rule in rules:
-        if rule.kind == "points_multiplier" and rule.factor > RATE_SCALE:
-            current = best_in_group.get(rule.group)
-            if current is None or rule.factor > current.factor:
-                best_in_group[rule.group] = rule
-    out.extend((rule, base * (rule.factor - RATE_SCALE)) for rule in sorted(best_in_group.values(), key=_order))
-    return out
-
-
-def _order(rule: Rule) -> int:
-    return rule.order
-
-
-def _points(
-    works: Sequence[_Work], earning: Sequence[int], ruleset: Ruleset, active: frozenset[int], tier: str | None
-) -> tuple[list[list[AppliedPoints]], list[str | None]]:
+def _points(works: Sequence[_Work], earning: Sequence[int], rounding: str) -> list[tuple[AppliedPoints, ...]]:
     """Points per line by rule: exact per (line, rule), rounded once per basket, allocated back."""
     components: list[tuple[int, Rule, int]] = []  # (line index, rule, exact numerator)
-    excluded: list[str | None] = []
     for i, work in enumerate(works):
-        reason = ruleset.points_exclusion.reason(work.line)
-        excluded.append(reason)
-        if reason is not None or tier is None or earning[i] <= 0:
-            continue
-        line = work.line
-        rules = [r for r in ruleset.points_rules.candidates(line) if r.order in active and r.scope.matches(line)]
-        components.extend((i, rule, numerator) for rule, numerator in _line_points_components(rules, earning[i], tier))
-    total = _round_points(sum(c[2] for c in components), ruleset.points_rounding)
-    shares = allocate(total, [c[2] for c in components]) if components else []
+        earned = earning[i]
+        if earned > 0:
+            for rule, per_fen in work.plan.points:
+                components.append((i, rule, earned * per_fen))
+    if not components:
+        return [()] * len(works)
+    total = _round_points(sum(c[2] for c in components), rounding)
+    shares = allocate(total, [c[2] for c in components])
     per_line: list[list[AppliedPoints]] = [[] for _ in works]
     for (i, rule, _), share in zip(components, shares, strict=True):
         per_line[i].append(AppliedPoints(rule.id, share, rule.label))
-    return per_line, excluded
+    return [tuple(p) for p in per_line]
 
 
 # --- the engine ------------------------------------------------------------
@@ -508,17 +466,12 @@ def price(  # noqa: C901, PLR0912, PLR0915 - the pipeline reads best in one plac
 
     works: list[_Work] = []
     for line in basket.lines:
-        gross = div_half_up(line.unit_fen * line.qty, QTY_SCALE)
-        works.append(_Work(line, gross, gross, [], ruleset.discount_exclusion.reason(line)))
-
-    for work in works:
-        if work.excluded_discounts is not None:
-            continue
-        rules = [
-            r for r in ruleset.line_rules.candidates(work.line) if r.order in active and r.scope.matches(work.line)
-        ]
-        if rules:
-            _price_line_rules(work, rules, tier)
+        gross = (2 * line.unit_fen * line.qty + QTY_SCALE) // (2 * QTY_SCALE)  # half up to the fen
+        plan = plan_for(ruleset, active, tier, line)
+        work = _Work(line, gross, gross, [], plan.discount_excluded, plan)
+        if plan.groups or plan.exclusive:
+            _price_line(work, plan)
+        works.append(work)
 
     basket_rules = [r for r in ruleset.basket_rules if r.order in active]
     if basket_rules:
@@ -532,7 +485,7 @@ def price(  # noqa: C901, PLR0912, PLR0915 - the pipeline reads best in one plac
     non_earning = sum(t.amount_fen for t in tenders if not t.earns_points)
     shares = allocate(non_earning, [w.net for w in works]) if non_earning else [0] * len(works)
     earning = [w.net - s for w, s in zip(works, shares, strict=True)]
-    points_by_line, points_excluded = _points(works, earning, ruleset, active, tier)
+    points_by_line = _points(works, earning, ruleset.points_rounding)
 
     used = {d.rule_id for w in works for d in w.discounts}
     coupons_applied = []
@@ -551,21 +504,20 @@ def price(  # noqa: C901, PLR0912, PLR0915 - the pipeline reads best in one plac
                 )
             )
 
-    priced_lines = []
-    for work, detail, excluded_points, earn in zip(works, points_by_line, points_excluded, earning, strict=True):
-        priced_lines.append(
-            PricedLine(
-                line=work.line,
-                gross_fen=work.gross,
-                discounts=tuple(work.discounts),
-                net_fen=work.net,
-                earning_fen=earn,
-                points=sum(p.points for p in detail),
-                points_detail=tuple(detail),
-                excluded_discounts=work.excluded_discounts,
-                excluded_points=excluded_points,
-            )
+    priced_lines = [
+        PricedLine(
+            w.line,
+            w.gross,
+            tuple(w.discounts),
+            w.net,
+            earn,
+            sum(p.points for p in detail) if detail else 0,
+            detail,
+            w.excluded_discounts,
+            w.plan.points_excluded,
         )
+        for w, detail, earn in zip(works, points_by_line, earning, strict=True)
+    ]
     return PricedBasket(
         ruleset_id=ruleset.id,
         ruleset_version=ruleset.version,

@@ -7,6 +7,7 @@ decimal strings.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -17,7 +18,10 @@ from agent.ruleset import Text
 WIRE_VERSION = 1
 
 
+@functools.lru_cache(maxsize=4096)
 def _label(text: Text) -> dict[str, str]:
+    # Shared between documents: a ruleset has a few hundred labels, a busy till prints them all day.
+    # Callers only serialise the dict, never mutate it.
     return {"zh-CN": text.zh_cn, "en": text.en}
 
 

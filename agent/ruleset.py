@@ -26,6 +26,8 @@ from agent.errors import Issue, RulesetError
 from agent.money import parse_money, parse_rate
 from agent.ruleset_schema import Exclusion, Label, RulesetSpec, RuleSpec, Scope, When
 
+ACTIVE_CACHE_LIMIT = 10_000
+
 
 @dataclass(frozen=True, slots=True)
 class Text:
@@ -315,10 +317,20 @@ class Ruleset:
     coupon_codes: frozenset[str]
     digest: str
     source: str
+    # Memo tables of pure functions of this ruleset (see agent.plan); never part of its value.
+    plan_cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+    active_cache: dict[Context, frozenset[int]] = field(default_factory=dict, compare=False, repr=False)
 
     def active(self, ctx: Context) -> frozenset[int]:
-        """The orders of the rules whose conditions hold at ``ctx``."""
-        return frozenset(rule.order for rule in self.rules if rule.when.holds(ctx))
+        """The orders of the rules whose conditions hold at ``ctx`` (memoised: a till's
+        contexts repeat every minute, and conditions are read to the minute)."""
+        found = self.active_cache.get(ctx)
+        if found is None:
+            found = frozenset(rule.order for rule in self.rules if rule.when.holds(ctx))
+            if len(self.active_cache) >= ACTIVE_CACHE_LIMIT:
+                self.active_cache.clear()
+            self.active_cache[ctx] = found
+        return found
 
 
 def _sort_key(spec: RuleSpec) -> tuple[int, str]:
