@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 from agent.basket import Basket, Line, Member, Tender
 from agent.errors import InputError, Issue, TenderError
-from agent.money import QTY_SCALE, RATE_SCALE, allocate, div_half_up, format_fen
+from agent.money import QTY_SCALE, RATE_SCALE, allocate, apportion, div_half_up, format_fen
 from agent.plan import Group, LinePlan, Step, plan_for
 from agent.ruleset import Context, Rule, Ruleset, Text
 
@@ -379,8 +379,9 @@ def _points(works: Sequence[_Work], earning: Sequence[int], rounding: str) -> li
                 components.append((i, rule, earned * per_fen))
     if not components:
         return [()] * len(works)
-    total = _round_points(sum(c[2] for c in components), rounding)
-    shares = allocate(total, [c[2] for c in components])
+    numerators = [c[2] for c in components]
+    total = _round_points(sum(numerators), rounding)
+    shares = apportion(total, numerators, POINTS_DENOMINATOR)
     per_line: list[list[AppliedPoints]] = [[] for _ in works]
     for (i, rule, _), share in zip(components, shares, strict=True):
         per_line[i].append(AppliedPoints(rule.id, share, rule.label))
@@ -426,7 +427,8 @@ def price(  # noqa: C901, PLR0912, PLR0915 - the pipeline reads best in one plac
     conflicting = [
         t for t in basket.tenders if t.kind == "stored_value" and t.subkind in ruleset.tenders.no_member_benefits_with
     ]
-    if member is not None and conflicting:
+    conflict_tiers = ruleset.tenders.conflict_tiers
+    if member is not None and conflicting and (not conflict_tiers or member.tier_on(local.date()) in conflict_tiers):
         if ruleset.tenders.on_conflict == "reject":
             raise TenderError(
                 [

@@ -146,3 +146,28 @@ def allocate(total: int, weights: Sequence[int]) -> list[int]:
     for _, index in remainders[:left]:
         parts[index] += 1
     return parts
+
+
+def apportion(total: int, numerators: Sequence[int], denominator: int) -> list[int]:
+    """Split ``total`` over exact fractions ``numerators[i] / denominator`` (largest remainder).
+
+    Each part gets the whole part of its own fraction, and the units left over
+    go to the largest fractional remainders, ties to the earlier position.
+    ``total`` must lie between the sum of the floors and the sum of the
+    ceilings -- as floor, ceil or half-up of the exact sum always does -- so
+    nobody's whole points move to a neighbour: 900.00 and 12.75 give 900 + 12.
+    """
+    parts = []
+    remainders = []
+    for index, numerator in enumerate(numerators):
+        whole, rest = divmod(numerator, denominator)
+        parts.append(whole)
+        if rest:
+            remainders.append((-rest, index))
+    left = total - sum(parts)
+    if left < 0 or left > len(remainders):
+        raise ValueError("apportion: total is outside the floors and ceilings of the parts")
+    remainders.sort()
+    for _, index in remainders[:left]:
+        parts[index] += 1
+    return parts

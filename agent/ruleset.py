@@ -254,6 +254,7 @@ class TenderPolicy:
     stored_value_accepted: bool
     no_member_benefits_with: frozenset[str]
     on_conflict: str
+    conflict_tiers: frozenset[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,6 +390,9 @@ def _cross_check(spec: RulesetSpec, source: str) -> list[Issue]:  # noqa: C901, 
             bad(f"tiers[{index}].id", f"tier {tier!r} is declared twice", "duplicate")
     known_tiers = set(tiers)
     known_kinds = set(spec.ruleset.card_kinds)
+    for tier in spec.tenders.stored_value.conflict_tiers:
+        if tier not in known_tiers:
+            bad("tenders.stored_value.conflict_tiers", f"tier {tier!r} is not declared in [[tiers]]", "unknown_tier")
     first_seen: dict[str, int] = {}
     groups: dict[str, tuple[int, str, str]] = {}
     for index, rule in enumerate(spec.rules):
@@ -487,6 +491,7 @@ def compile_spec(spec: RulesetSpec, *, source: str = "<spec>", digest: str = "")
             stored_value_accepted=spec.tenders.stored_value.accepted,
             no_member_benefits_with=frozenset(spec.tenders.stored_value.no_member_benefits_with),
             on_conflict=spec.tenders.stored_value.on_conflict,
+            conflict_tiers=frozenset(spec.tenders.stored_value.conflict_tiers),
         ),
         rules=rules,
         line_rules=RuleIndex.of(r for r in rules if r.stage == "line"),

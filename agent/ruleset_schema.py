@@ -122,6 +122,9 @@ class StoredValueTender(_Strict):
         default_factory=list, description="stored-value card subkinds that exclude member benefits"
     )
     on_conflict: Literal["price_as_non_member", "reject"] = "price_as_non_member"
+    conflict_tiers: list[Ident] = Field(
+        default_factory=list, description="tiers the conflict applies to; empty means every tier"
+    )
 
 
 class Tenders(_Strict):
