@@ -28,7 +28,7 @@ from typing import NamedTuple
 from agent.basket import Basket, Line, Member, Tender
 from agent.errors import InputError, Issue, TenderError
 from agent.money import QTY_SCALE, RATE_SCALE, allocate, apportion, div_half_up, format_fen
-from agent.plan import Group, LinePlan, Step, plan_for
+from agent.plan import RESULTS_PER_PLAN, Group, LinePlan, Step, plan_for
 from agent.ruleset import Context, Rule, Ruleset, Text
 
 # Points are computed exactly as integers over this denominator:
@@ -170,10 +170,11 @@ def _combine(group: Group, steps: Sequence[Step], qty: int, net: int) -> list[tu
     return applied
 
 
-def _price_line(work: _Work, plan: LinePlan) -> None:
-    """Line stage for one line: groups one on top of another, exclusive rules against the stack."""
-    qty = work.line.qty
-    gross = work.gross
+def _line_stage(plan: LinePlan, qty: int, gross: int) -> tuple[tuple[AppliedDiscount, ...], int]:
+    """Line stage for one line: groups one on top of another, exclusive rules against the stack.
+
+    Returns the discounts and the net; a pure function of (plan, qty, gross).
+    """
     applied: list[tuple[Rule, int]] = []
     net = gross
     for group in plan.groups:
@@ -195,25 +196,18 @@ def _price_line(work: _Work, plan: LinePlan) -> None:
         amount = _step_amount(step, qty, gross)
         if amount > best_total:  # a tie keeps the combined stack, then the earlier exclusive rule
             applied, best_total = [(step.rule, amount)], amount
-    work.discounts = [AppliedDiscount(rule.id, rule.kind, amount, rule.label) for rule, amount in applied]
-    work.net = gross - best_total
+    return tuple(
+        AppliedDiscount(rule.id, rule.kind, amount, rule.label) for rule, amount in applied
+    ), gross - best_total
 
 
 # --- basket stage ----------------------------------------------------------
 
 
-def _basket_targets(rule: Rule, works: Sequence[_Work], taken: Sequence[int]) -> list[int]:
-    """Indexes of the lines a basket rule spreads over."""
-    out = []
-    for i, work in enumerate(works):
-        if work.excluded_discounts is not None or work.net - taken[i] <= 0:
-            continue
-        if not rule.scope.matches(work.line):
-            continue
-        if rule.scope.skip_discounted and (work.discounts or taken[i]):
-            continue
-        out.append(i)
-    return out
+def _basket_targets(rule: Rule, works: Sequence[_Work], taken: Sequence[int], candidates: Sequence[int]) -> list[int]:
+    """Lines a basket rule spreads over: its scope's lines (from the plans) still worth something."""
+    skip = rule.scope.skip_discounted
+    return [i for i in candidates if works[i].net - taken[i] > 0 and not (skip and (works[i].discounts or taken[i]))]
 
 
 def _basket_off(rule: Rule, base: int) -> int:
@@ -228,8 +222,10 @@ def _basket_off(rule: Rule, base: int) -> int:
     return min(rule.amount, base)  # amount_off per basket
 
 
-def _apply_basket_rule(rule: Rule, works: Sequence[_Work], taken: list[int]) -> list[tuple[int, int]]:
-    targets = _basket_targets(rule, works, taken)
+def _apply_basket_rule(
+    rule: Rule, works: Sequence[_Work], taken: list[int], candidates: Sequence[int]
+) -> list[tuple[int, int]]:
+    targets = _basket_targets(rule, works, taken, candidates)
     weights = [works[i].net - taken[i] for i in targets]
     off = _basket_off(rule, sum(weights))
     if off <= 0:
@@ -243,7 +239,9 @@ def _apply_basket_rule(rule: Rule, works: Sequence[_Work], taken: list[int]) -> 
     return result
 
 
-def _stack_basket(rules: Sequence[Rule], works: Sequence[_Work]) -> tuple[list[tuple[Rule, int, int]], int]:
+def _stack_basket(
+    rules: Sequence[Rule], works: Sequence[_Work], candidates: dict[int, list[int]]
+) -> tuple[list[tuple[Rule, int, int]], int]:
     """Apply non-exclusive basket rules group by group; returns (rule, line index, amount) triples."""
     taken = [0] * len(works)
     applied: list[tuple[Rule, int, int]] = []
@@ -258,28 +256,39 @@ def _stack_basket(rules: Sequence[Rule], works: Sequence[_Work]) -> tuple[list[t
             best_total = 0
             for candidate in members:
                 trial = list(taken)
-                parts = _apply_basket_rule(candidate, works, trial)
+                parts = _apply_basket_rule(candidate, works, trial, candidates[candidate.order])
                 total = sum(p for _, p in parts)
-                if total > best_total:
+                if total > best_total:  # ties keep the earlier rule
                     best, best_total = (candidate, parts, trial), total
             if best is not None:
                 taken[:] = best[2]
                 applied.extend((best[0], i, p) for i, p in best[1])
         else:
             for member in members:
-                applied.extend((member, i, p) for i, p in _apply_basket_rule(member, works, taken))
+                parts = _apply_basket_rule(member, works, taken, candidates[member.order])
+                applied.extend((member, i, p) for i, p in parts)
     return applied, sum(taken)
 
 
-def _price_basket_rules(rules: Sequence[Rule], works: Sequence[_Work]) -> None:
+def _price_basket_rules(works: Sequence[_Work]) -> None:
+    """Basket stage: the rules in force that some line's plan takes, in (priority, id) order."""
+    candidates: dict[int, list[int]] = {}
+    by_order: dict[int, Rule] = {}
+    for i, work in enumerate(works):
+        for rule in work.plan.basket_rules:
+            candidates.setdefault(rule.order, []).append(i)
+            by_order[rule.order] = rule
+    if not by_order:
+        return
+    rules = [by_order[order] for order in sorted(by_order)]
     stacked = [r for r in rules if r.stacking != "exclusive"]
-    best, best_total = _stack_basket(stacked, works)
+    best, best_total = _stack_basket(stacked, works, candidates)
     for rule in rules:
         if rule.stacking == "exclusive":
             taken = [0] * len(works)
-            parts = _apply_basket_rule(rule, works, taken)
+            parts = _apply_basket_rule(rule, works, taken, candidates[rule.order])
             total = sum(p for _, p in parts)
-            if total > best_total:
+            if total > best_total:  # a tie keeps the combined stack, then the earlier exclusive rule
                 best, best_total = [(rule, i, p) for i, p in parts], total
     for rule, i, amount in best:
         works[i].discounts.append(AppliedDiscount(rule.id, rule.kind, amount, rule.label))
@@ -470,14 +479,19 @@ def price(  # noqa: C901, PLR0912, PLR0915 - the pipeline reads best in one plac
     for line in basket.lines:
         gross = (2 * line.unit_fen * line.qty + QTY_SCALE) // (2 * QTY_SCALE)  # half up to the fen
         plan = plan_for(ruleset, active, tier, line)
-        work = _Work(line, gross, gross, [], plan.discount_excluded, plan)
         if plan.groups or plan.exclusive:
-            _price_line(work, plan)
-        works.append(work)
+            key = (line.unit_fen, line.qty)
+            result: tuple[tuple[AppliedDiscount, ...], int] | None = plan.results.get(key)
+            if result is None:
+                if len(plan.results) >= RESULTS_PER_PLAN:
+                    plan.results.clear()
+                result = plan.results[key] = _line_stage(plan, line.qty, gross)
+            discounts, net = result
+            works.append(_Work(line, gross, net, list(discounts), plan.discount_excluded, plan))
+        else:
+            works.append(_Work(line, gross, gross, [], plan.discount_excluded, plan))
 
-    basket_rules = [r for r in ruleset.basket_rules if r.order in active]
-    if basket_rules:
-        _price_basket_rules(basket_rules, works)
+    _price_basket_rules(works)
 
     gross_total = sum(w.gross for w in works)
     net_total = sum(w.net for w in works)
@@ -493,7 +507,7 @@ def price(  # noqa: C901, PLR0912, PLR0915 - the pipeline reads best in one plac
     coupons_applied = []
     coupons_unused = []
     for code in basket.coupons:
-        if any(r.when.coupon == code and r.id in used for r in ruleset.rules):
+        if ruleset.coupon_rules.get(code, frozenset()) & used:
             coupons_applied.append(code)
         else:
             coupons_unused.append(code)

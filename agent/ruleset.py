@@ -13,7 +13,7 @@ import datetime as dt
 import hashlib
 import tomllib
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from agent.errors import Issue, RulesetError
 from agent.money import parse_money, parse_rate
 from agent.ruleset_schema import Exclusion, Label, RulesetSpec, RuleSpec, Scope, When
 
-ACTIVE_CACHE_LIMIT = 10_000
+CACHE_LIMIT = 4096  # days or coupon sets remembered; cleared wholesale when full
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +55,13 @@ class Context:
     @property
     def is_member(self) -> bool:
         return self.tier is not None
+
+    @property
+    def birthday_relation(self) -> str | None:
+        """ "day" on the member's birthday, "month" in the birthday month, else None."""
+        if self.birthday is None or self.birthday[0] != self.day.month:
+            return None
+        return "day" if _is_birthday(self.birthday[0], self.birthday[1], self.day) else "month"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,36 +95,46 @@ class CompiledWhen:
             birthday=when.birthday,
         )
 
-    def holds(self, ctx: Context) -> bool:  # noqa: C901, PLR0911, PLR0912 - a flat list of independent checks
-        """True when every condition given holds at ``ctx``."""
-        if self.member and ctx.tier is None:
+    # The conditions split by what they read, so the engine can cache each part on its own
+    # key (the day, the minute, the member, the coupons) and AND the bitmasks together.
+
+    def member_holds(self, tier: str | None, card_kind: str | None) -> bool:
+        if self.member and tier is None:
             return False
-        if self.tiers is not None and ctx.tier not in self.tiers:
+        if self.tiers is not None and tier not in self.tiers:
             return False
-        if self.card_kinds is not None and ctx.card_kind not in self.card_kinds:
-            return False
-        if self.coupon is not None and self.coupon not in ctx.coupons:
-            return False
-        day = ctx.day
+        return self.card_kinds is None or card_kind in self.card_kinds
+
+    def day_holds(self, day: dt.date) -> bool:
         if self.days_of_month is not None and day.day not in self.days_of_month:
             return False
         if self.weekdays is not None and day.isoweekday() not in self.weekdays:
             return False
         if self.months is not None and day.month not in self.months:
             return False
-        if self.dates and not any(start <= day <= end for start, end in self.dates):
-            return False
-        if self.times and not any(_in_time(ctx.minute, start, end) for start, end in self.times):
-            return False
-        if self.birthday is not None:
-            if ctx.birthday is None:
-                return False
-            month, mday = ctx.birthday
-            if month != day.month:
-                return False
-            if self.birthday == "day" and not _is_birthday(month, mday, day):
-                return False
-        return True
+        return not self.dates or any(start <= day <= end for start, end in self.dates)
+
+    def minute_holds(self, minute: int) -> bool:
+        return not self.times or any(_in_time(minute, start, end) for start, end in self.times)
+
+    def birthday_holds(self, relation: str | None) -> bool:
+        """``relation``: "day" on the member's birthday, "month" in its month, else None."""
+        if self.birthday is None:
+            return True
+        return relation == "day" or (self.birthday == "month" and relation == "month")
+
+    def coupon_holds(self, coupons: frozenset[str]) -> bool:
+        return self.coupon is None or self.coupon in coupons
+
+    def holds(self, ctx: Context) -> bool:
+        """True when every condition given holds at ``ctx``."""
+        return (
+            self.member_holds(ctx.tier, ctx.card_kind)
+            and self.day_holds(ctx.day)
+            and self.minute_holds(ctx.minute)
+            and self.birthday_holds(ctx.birthday_relation)
+            and self.coupon_holds(ctx.coupons)
+        )
 
 
 def _in_time(minute: int, start: int, end: int) -> bool:
@@ -214,6 +231,7 @@ class Rule:
     when: CompiledWhen
     scope: CompiledScope
     order: int = 0
+    bit: int = 1  # 1 << order: rule sets are int bitmasks
     rate: int | None = None
     rates: Mapping[str, int] = field(default_factory=dict)
     marked_down_rate: int | None = None
@@ -318,20 +336,47 @@ class Ruleset:
     coupon_codes: frozenset[str]
     digest: str
     source: str
-    # Memo tables of pure functions of this ruleset (see agent.plan); never part of its value.
-    plan_cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
-    active_cache: dict[Context, frozenset[int]] = field(default_factory=dict, compare=False, repr=False)
+    coupon_rules: Mapping[str, frozenset[str]]
+    # Memo tables of pure functions of this ruleset (here and in agent.plan); never part of its
+    # value.  Each is keyed by one thing that repeats all day at a till, so they stay small.
+    member_cache: dict[tuple[str | None, str | None], int] = field(default_factory=dict, compare=False, repr=False)
+    day_cache: dict[dt.date, int] = field(default_factory=dict, compare=False, repr=False)
+    minute_cache: dict[int, int] = field(default_factory=dict, compare=False, repr=False)
+    birthday_cache: dict[str | None, int] = field(default_factory=dict, compare=False, repr=False)
+    coupon_cache: dict[frozenset[str], int] = field(default_factory=dict, compare=False, repr=False)
+    identity_cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
-    def active(self, ctx: Context) -> frozenset[int]:
-        """The orders of the rules whose conditions hold at ``ctx`` (memoised: a till's
-        contexts repeat every minute, and conditions are read to the minute)."""
-        found = self.active_cache.get(ctx)
-        if found is None:
-            found = frozenset(rule.order for rule in self.rules if rule.when.holds(ctx))
-            if len(self.active_cache) >= ACTIVE_CACHE_LIMIT:
-                self.active_cache.clear()
-            self.active_cache[ctx] = found
-        return found
+    def _mask(self, holds: Callable[[CompiledWhen], bool]) -> int:
+        mask = 0
+        for rule in self.rules:
+            if holds(rule.when):
+                mask |= rule.bit
+        return mask
+
+    def active(self, ctx: Context) -> int:
+        """The rules whose conditions hold at ``ctx``, as a bitmask of ``Rule.bit``."""
+        member_key = (ctx.tier, ctx.card_kind)
+        member = self.member_cache.get(member_key)
+        if member is None:
+            member = self.member_cache[member_key] = self._mask(lambda w: w.member_holds(*member_key))
+        day = self.day_cache.get(ctx.day)
+        if day is None:
+            if len(self.day_cache) >= CACHE_LIMIT:
+                self.day_cache.clear()
+            day = self.day_cache[ctx.day] = self._mask(lambda w: w.day_holds(ctx.day))
+        minute = self.minute_cache.get(ctx.minute)
+        if minute is None:
+            minute = self.minute_cache[ctx.minute] = self._mask(lambda w: w.minute_holds(ctx.minute))
+        relation = ctx.birthday_relation
+        birthday = self.birthday_cache.get(relation)
+        if birthday is None:
+            birthday = self.birthday_cache[relation] = self._mask(lambda w: w.birthday_holds(relation))
+        coupon = self.coupon_cache.get(ctx.coupons)
+        if coupon is None:
+            if len(self.coupon_cache) >= CACHE_LIMIT:
+                self.coupon_cache.clear()
+            coupon = self.coupon_cache[ctx.coupons] = self._mask(lambda w: w.coupon_holds(ctx.coupons))
+        return member & day & minute & birthday & coupon
 
 
 def _sort_key(spec: RuleSpec) -> tuple[int, str]:
@@ -357,6 +402,7 @@ def _compile_rule(spec: RuleSpec, order: int) -> Rule:
         when=CompiledWhen.of(spec.when),
         scope=CompiledScope.of(spec.scope),
         order=order,
+        bit=1 << order,
         rate=rate(spec.rate),
         rates={k: parse_rate(v) for k, v in (spec.rates or {}).items()},
         marked_down_rate=rate(spec.marked_down_rate),
@@ -498,6 +544,10 @@ def compile_spec(spec: RulesetSpec, *, source: str = "<spec>", digest: str = "")
         basket_rules=tuple(r for r in rules if r.stage == "basket"),
         points_rules=RuleIndex.of(r for r in rules if r.stage == "points"),
         coupon_codes=frozenset(r.when.coupon for r in rules if r.when.coupon is not None),
+        coupon_rules={
+            code: frozenset(r.id for r in rules if r.when.coupon == code)
+            for code in {r.when.coupon for r in rules if r.when.coupon is not None}
+        },
         digest=digest,
         source=source,
     )
