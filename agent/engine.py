@@ -28,7 +28,7 @@ from typing import NamedTuple
 from agent.basket import Basket, Line, Member, Tender
 from agent.errors import InputError, Issue, TenderError
 from agent.money import QTY_SCALE, RATE_SCALE, allocate, apportion, div_half_up, format_fen
-from agent.plan import RESULTS_PER_PLAN, Group, LinePlan, Step, plan_for
+from agent.plan import MEMO_LIMIT, Step, Template, points_per_fen, template_for
 from agent.ruleset import Context, Rule, Ruleset, Text
 
 # Points are computed exactly as integers over this denominator:
@@ -113,18 +113,6 @@ class PricedBasket:
     messages: tuple[Message, ...]
 
 
-@dataclass(slots=True)
-class _Work:
-    """Mutable per-line state while one basket is being priced."""
-
-    line: Line
-    gross: int
-    net: int
-    discounts: list[AppliedDiscount]
-    excluded_discounts: str | None
-    plan: LinePlan
-
-
 def _msg(code: str, zh: str, en: str) -> Message:
     return Message(code, Text(zh, en))
 
@@ -145,69 +133,69 @@ def _step_amount(step: Step, qty: int, net: int) -> int:
     return max(0, net - per_line)  # event_price
 
 
-def _combine(group: Group, steps: Sequence[Step], qty: int, net: int) -> list[tuple[Rule, int]]:
-    if group.mode == "best_of":
+def _combine(mode: str, steps: Sequence[Step], qty: int, net: int) -> list[tuple[Rule, int]]:
+    if mode == "best_of":
         best: tuple[Rule, int] | None = None
         for step in steps:
             amount = _step_amount(step, qty, net)
             if amount > 0 and (best is None or amount > best[1]):  # ties keep the earlier rule
                 best = (step.rule, amount)
         return [] if best is None else [best]
-    if group.mode == "additive":
-        offs = [RATE_SCALE - step.value for step in steps]
-        total_off = min(sum(offs), RATE_SCALE)
-        amount = net - div_half_up(net * (RATE_SCALE - total_off), RATE_SCALE)
-        if amount <= 0:
-            return []
-        # One rounding for the summed rate, then each rule's share of it by largest remainder.
-        return [(s.rule, part) for s, part in zip(steps, allocate(amount, offs), strict=True) if part]
-    applied = []  # multiplicative: each rule on top of the price so far
-    for step in steps:
-        amount = _step_amount(step, qty, net)
-        if amount > 0:
-            applied.append((step.rule, amount))
-            net -= amount
-    return applied
+    # additive: the rules' percentages summed, applied once, then each rule's share of the
+    # amount by largest remainder.
+    offs = [RATE_SCALE - step.value for step in steps]
+    total_off = min(sum(offs), RATE_SCALE)
+    amount = net - div_half_up(net * (RATE_SCALE - total_off), RATE_SCALE)
+    if amount <= 0:
+        return []
+    return [(s.rule, part) for s, part in zip(steps, allocate(amount, offs), strict=True) if part]
 
 
-def _line_stage(plan: LinePlan, qty: int, gross: int) -> tuple[tuple[AppliedDiscount, ...], int]:
+def _line_stage(template: Template, active: int, qty: int, gross: int) -> tuple[Discounts, int]:  # noqa: C901 - hot path, inlined on purpose
     """Line stage for one line: groups one on top of another, exclusive rules against the stack.
 
-    Returns the discounts and the net; a pure function of (plan, qty, gross).
+    Returns the discounts and the net.
     """
     applied: list[tuple[Rule, int]] = []
     net = gross
-    for group in plan.groups:
-        steps: Sequence[Step] = group.steps
-        if applied and group.skips:
-            steps = [s for s in steps if not s.skip_discounted]
-        if group.mode == "multiplicative":  # the common case, inlined: each rule on top of the last
+    for mode, steps in template.groups:
+        if mode == "multiplicative":  # the common case, inlined: each rule on top of the last
             for step in steps:
-                amount = _step_amount(step, qty, net)
-                if amount > 0:
-                    applied.append((step.rule, amount))
-                    net -= amount
-        elif steps:
-            for pair in _combine(group, steps, qty, net):
+                if step.bit & active and not (applied and step.skip_discounted):
+                    amount = _step_amount(step, qty, net)
+                    if amount > 0:
+                        applied.append((step.rule, amount))
+                        net -= amount
+            continue
+        live = [s for s in steps if s.bit & active and not (applied and s.skip_discounted)]
+        if live:
+            for pair in _combine(mode, live, qty, net):
                 applied.append(pair)
                 net -= pair[1]
     best_total = gross - net
-    for step in plan.exclusive:
-        amount = _step_amount(step, qty, gross)
-        if amount > best_total:  # a tie keeps the combined stack, then the earlier exclusive rule
-            applied, best_total = [(step.rule, amount)], amount
-    return tuple(
-        AppliedDiscount(rule.id, rule.kind, amount, rule.label) for rule, amount in applied
-    ), gross - best_total
+    for step in template.exclusive:
+        if step.bit & active:
+            amount = _step_amount(step, qty, gross)
+            if amount > best_total:  # a tie keeps the combined stack, then the earlier exclusive rule
+                applied, best_total = [(step.rule, amount)], amount
+    discounts = tuple(AppliedDiscount(rule.id, rule.kind, amount, rule.label) for rule, amount in applied)
+    return discounts, gross - best_total
 
 
 # --- basket stage ----------------------------------------------------------
 
 
-def _basket_targets(rule: Rule, works: Sequence[_Work], taken: Sequence[int], candidates: Sequence[int]) -> list[int]:
+# Per-line state while a basket is priced lives in parallel lists indexed by line:
+# ``nets`` (fen) and ``discounts`` (tuples of AppliedDiscount), cheaper than an object per line.
+Discounts = tuple[AppliedDiscount, ...]
+
+
+def _basket_targets(
+    rule: Rule, nets: Sequence[int], discounts: Sequence[Discounts], taken: Sequence[int], candidates: Sequence[int]
+) -> list[int]:
     """Lines a basket rule spreads over: its scope's lines (from the plans) still worth something."""
     skip = rule.scope.skip_discounted
-    return [i for i in candidates if works[i].net - taken[i] > 0 and not (skip and (works[i].discounts or taken[i]))]
+    return [i for i in candidates if nets[i] - taken[i] > 0 and not (skip and (discounts[i] or taken[i]))]
 
 
 def _basket_off(rule: Rule, base: int) -> int:
@@ -223,10 +211,10 @@ def _basket_off(rule: Rule, base: int) -> int:
 
 
 def _apply_basket_rule(
-    rule: Rule, works: Sequence[_Work], taken: list[int], candidates: Sequence[int]
+    rule: Rule, nets: Sequence[int], discounts: Sequence[Discounts], taken: list[int], candidates: Sequence[int]
 ) -> list[tuple[int, int]]:
-    targets = _basket_targets(rule, works, taken, candidates)
-    weights = [works[i].net - taken[i] for i in targets]
+    targets = _basket_targets(rule, nets, discounts, taken, candidates)
+    weights = [nets[i] - taken[i] for i in targets]
     off = _basket_off(rule, sum(weights))
     if off <= 0:
         return []
@@ -240,10 +228,10 @@ def _apply_basket_rule(
 
 
 def _stack_basket(
-    rules: Sequence[Rule], works: Sequence[_Work], candidates: dict[int, list[int]]
+    rules: Sequence[Rule], nets: Sequence[int], discounts: Sequence[Discounts], candidates: dict[int, list[int]]
 ) -> tuple[list[tuple[Rule, int, int]], int]:
     """Apply non-exclusive basket rules group by group; returns (rule, line index, amount) triples."""
-    taken = [0] * len(works)
+    taken = [0] * len(nets)
     applied: list[tuple[Rule, int, int]] = []
     done: set[str] = set()
     for rule in rules:
@@ -256,7 +244,7 @@ def _stack_basket(
             best_total = 0
             for candidate in members:
                 trial = list(taken)
-                parts = _apply_basket_rule(candidate, works, trial, candidates[candidate.order])
+                parts = _apply_basket_rule(candidate, nets, discounts, trial, candidates[candidate.order])
                 total = sum(p for _, p in parts)
                 if total > best_total:  # ties keep the earlier rule
                     best, best_total = (candidate, parts, trial), total
@@ -265,34 +253,37 @@ def _stack_basket(
                 applied.extend((best[0], i, p) for i, p in best[1])
         else:
             for member in members:
-                parts = _apply_basket_rule(member, works, taken, candidates[member.order])
+                parts = _apply_basket_rule(member, nets, discounts, taken, candidates[member.order])
                 applied.extend((member, i, p) for i, p in parts)
     return applied, sum(taken)
 
 
-def _price_basket_rules(works: Sequence[_Work]) -> None:
-    """Basket stage: the rules in force that some line's plan takes, in (priority, id) order."""
+def _price_basket_rules(
+    templates: Sequence[Template], active: int, nets: list[int], discounts: list[Discounts]
+) -> None:
+    """Basket stage: the rules in force whose scope takes some line, in (priority, id) order."""
     candidates: dict[int, list[int]] = {}
     by_order: dict[int, Rule] = {}
-    for i, work in enumerate(works):
-        for rule in work.plan.basket_rules:
-            candidates.setdefault(rule.order, []).append(i)
-            by_order[rule.order] = rule
+    for i, template in enumerate(templates):
+        for rule in template.basket_rules:
+            if rule.bit & active:
+                candidates.setdefault(rule.order, []).append(i)
+                by_order[rule.order] = rule
     if not by_order:
         return
     rules = [by_order[order] for order in sorted(by_order)]
     stacked = [r for r in rules if r.stacking != "exclusive"]
-    best, best_total = _stack_basket(stacked, works, candidates)
+    best, best_total = _stack_basket(stacked, nets, discounts, candidates)
     for rule in rules:
         if rule.stacking == "exclusive":
-            taken = [0] * len(works)
-            parts = _apply_basket_rule(rule, works, taken, candidates[rule.order])
+            taken = [0] * len(nets)
+            parts = _apply_basket_rule(rule, nets, discounts, taken, candidates[rule.order])
             total = sum(p for _, p in parts)
             if total > best_total:  # a tie keeps the combined stack, then the earlier exclusive rule
                 best, best_total = [(rule, i, p) for i, p in parts], total
     for rule, i, amount in best:
-        works[i].discounts.append(AppliedDiscount(rule.id, rule.kind, amount, rule.label))
-        works[i].net -= amount
+        discounts[i] = (*discounts[i], AppliedDiscount(rule.id, rule.kind, amount, rule.label))
+        nets[i] -= amount
 
 
 # --- tenders ---------------------------------------------------------------
@@ -378,23 +369,28 @@ def _round_points(numerator: int, mode: str) -> int:
     return div_half_up(numerator, POINTS_DENOMINATOR)
 
 
-def _points(works: Sequence[_Work], earning: Sequence[int], rounding: str) -> list[tuple[AppliedPoints, ...]]:
-    """Points per line by rule: exact per (line, rule), rounded once per basket, allocated back."""
+def _points(
+    templates: Sequence[Template], active: int, earning: Sequence[int], rounding: str
+) -> tuple[list[int], list[tuple[AppliedPoints, ...]]]:
+    """Points per line by rule: exact per (line, rule), rounded once per basket, apportioned back."""
     components: list[tuple[int, Rule, int]] = []  # (line index, rule, exact numerator)
-    for i, work in enumerate(works):
+    for i, template in enumerate(templates):
         earned = earning[i]
-        if earned > 0:
-            for rule, per_fen in work.plan.points:
+        if earned > 0 and (template.earn or template.no_points):
+            for rule, per_fen in points_per_fen(template, active):
                 components.append((i, rule, earned * per_fen))
+    count = len(templates)
     if not components:
-        return [()] * len(works)
+        return [0] * count, [()] * count
     numerators = [c[2] for c in components]
     total = _round_points(sum(numerators), rounding)
     shares = apportion(total, numerators, POINTS_DENOMINATOR)
-    per_line: list[list[AppliedPoints]] = [[] for _ in works]
+    points = [0] * count
+    detail: list[list[AppliedPoints]] = [[] for _ in templates]
     for (i, rule, _), share in zip(components, shares, strict=True):
-        per_line[i].append(AppliedPoints(rule.id, share, rule.label))
-    return [tuple(p) for p in per_line]
+        detail[i].append(AppliedPoints(rule.id, share, rule.label))
+        points[i] += share
+    return points, [tuple(d) for d in detail]
 
 
 # --- the engine ------------------------------------------------------------
@@ -475,76 +471,88 @@ def price(  # noqa: C901, PLR0912, PLR0915 - the pipeline reads best in one plac
     ctx = context_for(when, benefits_member if tier is not None else None, ruleset, basket.coupons)
     active = ruleset.active(ctx)
 
-    works: list[_Work] = []
-    for line in basket.lines:
+    lines = basket.lines
+    templates: list[Template] = []
+    grosses: list[int] = []
+    nets: list[int] = []
+    discounts: list[Discounts] = []
+    for line in lines:
         gross = (2 * line.unit_fen * line.qty + QTY_SCALE) // (2 * QTY_SCALE)  # half up to the fen
-        plan = plan_for(ruleset, active, tier, line)
-        if plan.groups or plan.exclusive:
-            key = (line.unit_fen, line.qty)
-            result: tuple[tuple[AppliedDiscount, ...], int] | None = plan.results.get(key)
+        template = template_for(ruleset, tier, line)
+        templates.append(template)
+        grosses.append(gross)
+        bits = active & template.line_mask
+        if bits:
+            key = (bits, line.unit_fen, line.qty)
+            memo = template.line_results
+            result: tuple[Discounts, int] | None = memo.get(key)
             if result is None:
-                if len(plan.results) >= RESULTS_PER_PLAN:
-                    plan.results.clear()
-                result = plan.results[key] = _line_stage(plan, line.qty, gross)
-            discounts, net = result
-            works.append(_Work(line, gross, net, list(discounts), plan.discount_excluded, plan))
+                if len(memo) >= MEMO_LIMIT:
+                    memo.clear()
+                result = memo[key] = _line_stage(template, bits, line.qty, gross)
+            discounts.append(result[0])
+            nets.append(result[1])
         else:
-            works.append(_Work(line, gross, gross, [], plan.discount_excluded, plan))
+            discounts.append(())
+            nets.append(gross)
 
-    _price_basket_rules(works)
+    _price_basket_rules(templates, active, nets, discounts)
 
-    gross_total = sum(w.gross for w in works)
-    net_total = sum(w.net for w in works)
+    gross_total = sum(grosses)
+    net_total = sum(nets)
     tenders, issues = _check_tenders(basket.tenders, benefits_member, ruleset, net_total)
     if issues:
         raise TenderError(issues)
     non_earning = sum(t.amount_fen for t in tenders if not t.earns_points)
-    shares = allocate(non_earning, [w.net for w in works]) if non_earning else [0] * len(works)
-    earning = [w.net - s for w, s in zip(works, shares, strict=True)]
-    points_by_line = _points(works, earning, ruleset.points_rounding)
+    if non_earning:
+        earning = [net - share for net, share in zip(nets, allocate(non_earning, nets), strict=True)]
+    else:
+        earning = nets
+    points, points_detail = _points(templates, active, earning, ruleset.points_rounding)
 
-    used = {d.rule_id for w in works for d in w.discounts}
     coupons_applied = []
     coupons_unused = []
-    for code in basket.coupons:
-        if ruleset.coupon_rules.get(code, frozenset()) & used:
-            coupons_applied.append(code)
-        else:
-            coupons_unused.append(code)
-            known = code in ruleset.coupon_codes
-            messages.append(
-                _msg(
-                    "coupon_not_applicable" if known else "coupon_unknown",
-                    f"券 {code} 不适用于本单" if known else f"券 {code} 无效",
-                    f"Coupon {code} does not apply to this basket" if known else f"Coupon {code} is not recognised",
+    if basket.coupons:
+        used = {d.rule_id for line_discounts in discounts for d in line_discounts}
+        for code in basket.coupons:
+            if ruleset.coupon_rules.get(code, frozenset()) & used:
+                coupons_applied.append(code)
+            else:
+                coupons_unused.append(code)
+                known = code in ruleset.coupon_codes
+                messages.append(
+                    _msg(
+                        "coupon_not_applicable" if known else "coupon_unknown",
+                        f"券 {code} 不适用于本单" if known else f"券 {code} 无效",
+                        f"Coupon {code} does not apply to this basket" if known else f"Coupon {code} is not recognised",
+                    )
                 )
-            )
 
-    priced_lines = [
-        PricedLine(
-            w.line,
-            w.gross,
-            tuple(w.discounts),
-            w.net,
-            earn,
-            sum(p.points for p in detail) if detail else 0,
-            detail,
-            w.excluded_discounts,
-            w.plan.points_excluded,
+    priced_lines = tuple(
+        map(
+            PricedLine,
+            lines,
+            grosses,
+            discounts,
+            nets,
+            earning,
+            points,
+            points_detail,
+            [t.discount_excluded for t in templates],
+            [t.points_excluded for t in templates],
         )
-        for w, detail, earn in zip(works, points_by_line, earning, strict=True)
-    ]
+    )
     return PricedBasket(
         ruleset_id=ruleset.id,
         ruleset_version=ruleset.version,
         at=local,
         member=member,
         tier=tier,
-        lines=tuple(priced_lines),
+        lines=priced_lines,
         gross_fen=gross_total,
         discount_fen=gross_total - net_total,
         net_fen=net_total,
-        points=sum(p.points for p in priced_lines),
+        points=sum(points),
         tenders=tuple(tenders),
         unpaid_fen=net_total - sum(t.amount_fen for t in tenders),
         coupons_applied=tuple(coupons_applied),

@@ -331,7 +331,7 @@ class Ruleset:
     tenders: TenderPolicy
     rules: tuple[Rule, ...]
     line_rules: RuleIndex
-    basket_rules: tuple[Rule, ...]
+    basket_rules: RuleIndex
     points_rules: RuleIndex
     coupon_codes: frozenset[str]
     digest: str
@@ -345,6 +345,7 @@ class Ruleset:
     birthday_cache: dict[str | None, int] = field(default_factory=dict, compare=False, repr=False)
     coupon_cache: dict[frozenset[str], int] = field(default_factory=dict, compare=False, repr=False)
     identity_cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+    signature_cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def _mask(self, holds: Callable[[CompiledWhen], bool]) -> int:
         mask = 0
@@ -541,7 +542,7 @@ def compile_spec(spec: RulesetSpec, *, source: str = "<spec>", digest: str = "")
         ),
         rules=rules,
         line_rules=RuleIndex.of(r for r in rules if r.stage == "line"),
-        basket_rules=tuple(r for r in rules if r.stage == "basket"),
+        basket_rules=RuleIndex.of(r for r in rules if r.stage == "basket"),
         points_rules=RuleIndex.of(r for r in rules if r.stage == "points"),
         coupon_codes=frozenset(r.when.coupon for r in rules if r.when.coupon is not None),
         coupon_rules={

@@ -273,7 +273,7 @@ def own_ruleset(case: Case) -> Case:
 def check_outputs(case: Case) -> dict[str, float]:
     """Price every basket once, check lines sum to totals, and describe the workload."""
     lines = discounted = discounts = basket_discounts = points = 0
-    basket_stage = {r.id for r in case.ruleset.basket_rules}
+    basket_stage = {r.id for r in case.ruleset.rules if r.stage == "basket"}
     for basket, member in case.parsed:
         priced: PricedBasket = price(basket, member, case.ruleset)
         if sum(pl.net_fen for pl in priced.lines) != priced.net_fen:
@@ -418,10 +418,20 @@ def profile(case: Case, top: int) -> None:
         stats.sort_stats("cumulative").print_stats(top)
 
 
-def measurements_for(cases: dict[int, Case], replay: Case, responses: Sequence[dict[str, Any]]) -> list[Measurement]:
+def measurements_for(
+    cases: dict[int, Case], replay: Case, yesterday: Case, responses: Sequence[dict[str, Any]]
+) -> list[Measurement]:
     """What the table shows, in its order; the 200-rule scaling rows are the main engine rows."""
     case = cases[MAIN_RULES]
     cold_case = own_ruleset(case)
+    steady = own_ruleset(replay)
+
+    def after_yesterday() -> None:
+        # A lane runs for months: what it learnt yesterday (which rules touch which goods) is
+        # still true today; only what depends on the moment (the rules in force) is new.
+        clear_caches(steady.ruleset)
+        for basket, member in yesterday.parsed:
+            price(basket, member, steady.ruleset)
 
     def request(i: int) -> object:
         basket = parse_basket(json.loads(case.bodies[i]))
@@ -433,10 +443,20 @@ def measurements_for(cases: dict[int, Case], replay: Case, responses: Sequence[d
 
     items = len(case.parsed)
     out = [
+        Measurement(
+            "engine_steady",
+            "engine, steady state (new day)",
+            MAIN_RULES,
+            engine_worker(steady, cold=False),
+            len(steady.parsed),
+            before_pass=after_yesterday,
+            every=REPLAY_EVERY,
+            warm_up=False,
+        ),
         Measurement("engine", "engine, warm caches", MAIN_RULES, engine_worker(case, cold=False), items),
         Measurement(
             "engine_replay",
-            "engine, day replay (new baskets)",
+            "engine, first day after start",
             MAIN_RULES,
             engine_worker(replay, cold=False),
             len(replay.parsed),
@@ -467,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--baskets", type=int, default=400, help="distinct baskets per ruleset (default 400)")
     parser.add_argument("--seconds", type=float, default=50.0, help="time for the measuring rounds (default 50)")
     parser.add_argument("--quick", action="store_true", help="a few seconds in all, for a smoke test")
-    parser.add_argument("--strict", action="store_true", help="exit 1 when the warm engine misses the target")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when the steady-state engine misses the target")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the engine and exit")
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS})")
     args = parser.parse_args(argv)
@@ -486,11 +506,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases = {n: build_case(n, args.seed, catalogue, baskets) for n in SCALING_RULES}
     case = cases[MAIN_RULES]
     replay = build_case(MAIN_RULES, args.seed, catalogue, replay_baskets, day=REPLAY_DAY)
+    yesterday = build_case(MAIN_RULES, args.seed + 1, catalogue, replay_baskets, day=REPLAY_DAY - dt.timedelta(days=1))
     workload = {n: check_outputs(c) for n, c in cases.items()}
     check_outputs(replay)
     clear_caches(replay.ruleset)
     responses = [to_wire(price(b, m, case.ruleset)) for b, m in case.parsed]
-    measurements = measurements_for(cases, replay, responses)
+    measurements = measurements_for(cases, replay, yesterday, responses)
     progress.done(f"{MAIN_RULES}-rule ruleset loads in {case.load_ms:.1f} ms; every output checked")
 
     # The fixtures (rulesets, baskets, responses) live for the whole run; freezing them keeps the
@@ -508,7 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ref = figures["reference"]["per_second"]
     verdicts = {
         key: {"baskets_per_second": figures[key]["per_second"], "pass": figures[key]["per_second"] >= TARGET}
-        for key in ("engine", "engine_replay", "engine_cold")
+        for key in ("engine_steady", "engine", "engine_replay", "engine_cold")
     }
     results: dict[str, Any] = {
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -552,18 +573,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(render_table(results))
     print()
-    print("warm:       the same baskets over and over, every cache hit")
-    print(f"day replay: {len(replay.parsed):,} new baskets of one member day in time order, caches starting empty")
-    print("cold:       the ruleset's caches emptied before each basket")
+    print(
+        f"steady:     {len(replay.parsed):,} new baskets of one member day in time order, after a previous day's "
+        "(the target's row)"
+    )
+    print("warm:       the same baskets over and over, every cache hit (upper bound)")
+    print("first day:  the same new baskets with every cache empty at the start (a lane just restarted)")
+    print("cold:       the ruleset's caches emptied before each basket (lower bound)")
     print("vs ref:     baskets/s over the reference's: decode + validate + serialise the response, no pricing")
-    for key, label in (("engine", "warm caches"), ("engine_replay", "day replay"), ("engine_cold", "cold caches")):
+    for key, label in (
+        ("engine_steady", "steady state"),
+        ("engine", "warm caches"),
+        ("engine_replay", "first day after start"),
+        ("engine_cold", "cold caches"),
+    ):
         value = verdicts[key]["baskets_per_second"]
         print(
             f"{'PASS' if verdicts[key]['pass'] else 'FAIL'}: engine, {label}: {value:,.0f} baskets/s with "
             f"{MAIN_RULES} rules; target >= {TARGET:,} ({value / TARGET:.2f}x)"
         )
     print(f"Results: {args.output}")
-    return 1 if args.strict and not verdicts["engine"]["pass"] else 0
+    return 1 if args.strict and not verdicts["engine_steady"]["pass"] else 0
 
 
 if __name__ == "__main__":
