@@ -13,7 +13,16 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from agent.errors import InputError, Issue
 from agent.money import parse_money, parse_qty
@@ -87,12 +96,12 @@ class Basket:
 Money = Annotated[
     int,
     BeforeValidator(parse_money),
-    WithJsonSchema({"type": "string", "pattern": r"^\d{1,14}(\.\d{1,2})?$", "examples": ["12.34"]}),
+    WithJsonSchema({"type": "string", "pattern": r"^[0-9]{1,14}(\.[0-9]{1,2})?$", "examples": ["12.34"]}),
 ]
 Quantity = Annotated[
     int,
     BeforeValidator(parse_qty),
-    WithJsonSchema({"type": "string", "pattern": r"^\d{1,7}(\.\d{1,3})?$", "examples": ["1", "0.356"]}),
+    WithJsonSchema({"type": "string", "pattern": r"^[0-9]{1,7}(\.[0-9]{1,3})?$", "examples": ["1", "0.356"]}),
 ]
 Code = Annotated[str, Field(min_length=1, max_length=64)]
 
@@ -158,16 +167,20 @@ class BasketIn(_Wire):
     tenders: list[TenderIn] = Field(default_factory=list, max_length=20)
     at: dt.datetime | None = Field(default=None, description="ISO 8601 with offset; default: now")
 
-    @model_validator(mode="after")
-    def _unique_and_aware(self) -> BasketIn:
-        seen: set[str] = set()
-        for line in self.lines:
-            if line.line_id in seen:
-                raise ValueError(f"line_id {line.line_id!r} appears twice")
-            seen.add(line.line_id)
-        if self.at is not None and self.at.utcoffset() is None:
+    @field_validator("at")
+    @classmethod
+    def _aware(cls, value: dt.datetime | None) -> dt.datetime | None:
+        if value is not None and value.utcoffset() is None:
             raise ValueError("'at' needs a UTC offset, e.g. 2026-12-10T14:00:00+08:00")
-        return self
+        return value
+
+    @field_validator("lines")
+    @classmethod
+    def _unique(cls, lines: list[LineIn]) -> list[LineIn]:
+        # Also checked on the raw document by parse_basket, which names the offending line.
+        if len({line.line_id for line in lines}) != len(lines):
+            raise ValueError("line_id values must be unique")
+        return lines
 
     def to_basket(self) -> Basket:
         return Basket(
@@ -182,7 +195,9 @@ class BasketIn(_Wire):
 def _parse_birthday(value: object) -> object:
     if value is None:
         return None
-    if not isinstance(value, str) or len(value) != 5 or value[2] != "-":
+    digits = value[:2] + value[3:] if isinstance(value, str) else ""
+    # isascii: int() would read other scripts' digits too ("٠٣").
+    if not isinstance(value, str) or len(value) != 5 or value[2] != "-" or not (digits.isascii() and digits.isdigit()):
         raise ValueError("birthday is month-day, 'MM-DD'")
     try:
         # 2000 is a leap year, so 02-29 is accepted.
@@ -201,7 +216,7 @@ class MemberIn(_Wire):
     birthday: Annotated[
         tuple[int, int] | None,
         BeforeValidator(_parse_birthday),
-        WithJsonSchema({"type": "string", "pattern": r"^\d\d-\d\d$", "examples": ["03-14"]}),
+        WithJsonSchema({"type": "string", "pattern": r"^[0-9]{2}-[0-9]{2}$", "examples": ["03-14"]}),
     ] = None
     points_balance: int = Field(default=0, ge=0, le=10**12)
     rebate_balance: Money = 0
@@ -210,6 +225,7 @@ class MemberIn(_Wire):
 
     @model_validator(mode="after")
     def _pair(self) -> MemberIn:
+        # Also checked on the raw document by parse_member, which names the missing field.
         if (self.next_tier is None) != (self.next_tier_from is None):
             raise ValueError("give both 'next_tier' and 'next_tier_from', or neither")
         return self
@@ -239,17 +255,66 @@ def issues_from_validation(exc: ValidationError, source: str = "") -> list[Issue
     return issues
 
 
+def _basket_document_issues(data: Any, source: str) -> list[Issue]:
+    """Whole-document checks on the raw basket, each naming the field to correct."""
+    issues = []
+    lines = data.get("lines") if isinstance(data, dict) else None
+    if isinstance(lines, list):
+        first: dict[str, int] = {}
+        for index, line in enumerate(lines):
+            line_id = line.get("line_id") if isinstance(line, dict) else None
+            if not isinstance(line_id, str):
+                continue
+            if line_id in first:
+                issues.append(
+                    Issue(
+                        f"lines[{index}].line_id",
+                        "duplicate",
+                        f"line_id {line_id!r} appears twice (first at lines[{first[line_id]}])",
+                        source,
+                    )
+                )
+            else:
+                first[line_id] = index
+    return issues
+
+
+def _member_document_issues(data: Any, source: str) -> list[Issue]:
+    if not isinstance(data, dict):
+        return []
+    has_tier, has_from = data.get("next_tier") is not None, data.get("next_tier_from") is not None
+    if has_tier == has_from:
+        return []
+    missing = "next_tier_from" if has_tier else "next_tier"
+    return [Issue(missing, "missing", "give both 'next_tier' and 'next_tier_from', or neither", source)]
+
+
+def _validate(model: type[_Wire], data: Any, document_issues: list[Issue], source: str, what: str) -> Any:
+    try:
+        parsed = model.model_validate(data)
+    except ValidationError as exc:
+        found = issues_from_validation(exc, source)
+        # The raw-document checks name the exact field; drop pydantic's vaguer twin of them.
+        fields = {issue.field for issue in document_issues}
+        vague = {"lines", ""} if fields else set()
+        found = [i for i in found if not (i.field in vague and i.code == "value_error" and _twin(i.message))]
+        raise InputError([*found, *document_issues], what=what) from exc
+    if document_issues:
+        raise InputError(document_issues, what=what)
+    return parsed
+
+
+def _twin(message: str) -> bool:
+    return "must be unique" in message or "'next_tier'" in message
+
+
 def parse_basket(data: Any, source: str = "basket") -> Basket:
     """Validate a decoded basket JSON document; raises InputError listing every problem."""
-    try:
-        return BasketIn.model_validate(data).to_basket()
-    except ValidationError as exc:
-        raise InputError(issues_from_validation(exc, source), what="basket") from exc
+    parsed: BasketIn = _validate(BasketIn, data, _basket_document_issues(data, source), source, "basket")
+    return parsed.to_basket()
 
 
 def parse_member(data: Any, source: str = "member") -> Member:
     """Validate a decoded member JSON document; raises InputError listing every problem."""
-    try:
-        return MemberIn.model_validate(data).to_member()
-    except ValidationError as exc:
-        raise InputError(issues_from_validation(exc, source), what="member") from exc
+    parsed: MemberIn = _validate(MemberIn, data, _member_document_issues(data, source), source, "member")
+    return parsed.to_member()

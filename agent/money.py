@@ -18,9 +18,9 @@ RATE_SCALE = 10_000
 MAX_FEN = 10**13  # 100 billion yuan: far beyond any till, small enough to catch garbage.
 MAX_QTY = 10**9  # one million units, in thousandths.
 
-_MONEY_RE = re.compile(r"-?\d{1,14}(\.\d{1,2})?")
-_QTY_RE = re.compile(r"\d{1,7}(\.\d{1,3})?")
-_RATE_RE = re.compile(r"\d{1,6}(\.\d{1,4})?")
+_MONEY_RE = re.compile(r"-?[0-9]{1,14}(\.[0-9]{1,2})?")
+_QTY_RE = re.compile(r"[0-9]{1,7}(\.[0-9]{1,3})?")
+_RATE_RE = re.compile(r"[0-9]{1,6}(\.[0-9]{1,4})?")
 
 
 def _split_decimal(text: str, places: int) -> int:
@@ -102,6 +102,8 @@ def to_decimal(fen: int) -> Decimal:
 
 def decimal_to_fen(value: Decimal) -> int:
     """An exact Decimal amount in yuan to fen; refuses sub-fen precision."""
+    if not value.is_finite():
+        raise ValueError(f"{value} is not a finite amount")
     try:
         scaled = value.scaleb(2)
         if scaled != scaled.to_integral_value():
@@ -127,6 +129,8 @@ def allocate(total: int, weights: Sequence[int]) -> list[int]:
     """
     if total < 0:
         raise ValueError("allocate expects a non-negative total")
+    if any(weight < 0 for weight in weights):
+        raise ValueError("allocate expects non-negative weights")
     weight_sum = sum(weights)
     if weight_sum <= 0:
         if total:
@@ -135,8 +139,6 @@ def allocate(total: int, weights: Sequence[int]) -> list[int]:
     parts = []
     remainders = []
     for index, weight in enumerate(weights):
-        if weight < 0:
-            raise ValueError("allocate expects non-negative weights")
         share, rest = divmod(total * weight, weight_sum)
         parts.append(share)
         if rest:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from agent.errors import Issue, ReturnError
 from agent.money import div_half_up, format_qty, parse_money, parse_qty
@@ -101,17 +100,34 @@ def price_return(
     )
 
 
-def sold_lines_from_wire(result: Mapping[str, Any]) -> list[SoldLine]:
-    """The sold lines of a priced result document (as ``agent.render.to_wire`` made it)."""
-    try:
-        return [
-            SoldLine(
-                line_id=str(line["line_id"]),
-                qty=parse_qty(line["qty"]),
-                net_fen=parse_money(line["net"]),
-                points=int(line["points"]),
-            )
-            for line in result["lines"]
-        ]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ReturnError([Issue("lines", "bad_sale", f"not a priced sale: {exc}")], what="sale") from exc
+def sold_lines_from_wire(result: object) -> list[SoldLine]:
+    """The sold lines of a priced result document (as ``agent.render.to_wire`` made it).
+
+    Strict: quantities and money must be the wire's decimal strings and points
+    non-negative integers, so a damaged or forged document is refused rather
+    than turned into a refund.
+    """
+    lines = result.get("lines") if isinstance(result, Mapping) else None
+    if not isinstance(lines, list) or not lines:
+        raise ReturnError([Issue("lines", "bad_sale", "not a priced sale: no lines")], what="sale")
+    out = []
+    issues = []
+    for index, line in enumerate(lines):
+        try:
+            out.append(_sold_line(line))
+        except KeyError as exc:
+            issues.append(Issue(f"lines[{index}]", "bad_sale", f"missing {exc}"))
+        except (TypeError, ValueError) as exc:
+            issues.append(Issue(f"lines[{index}]", "bad_sale", str(exc)))
+    if issues:
+        raise ReturnError(issues, what="sale")
+    return out
+
+
+def _sold_line(line: object) -> SoldLine:
+    if not isinstance(line, Mapping):
+        raise TypeError("a line is an object")
+    points = line["points"]
+    if isinstance(points, bool) or not isinstance(points, int) or points < 0:
+        raise ValueError(f"points {points!r} is not a non-negative integer")
+    return SoldLine(str(line["line_id"]), parse_qty(line["qty"]), parse_money(line["net"]), points)

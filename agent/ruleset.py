@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from agent.basket import Line, issues_from_validation
 from agent.errors import Issue, RulesetError
 from agent.money import parse_money, parse_rate
-from agent.ruleset_schema import Exclusion, Label, RulesetSpec, RuleSpec, Scope, When
+from agent.ruleset_schema import Exclusion, Header, Label, RulesetSpec, RuleSpec, Scope, Tenders, Tier, When
 
 CACHE_LIMIT = 4096  # days or coupon sets remembered; cleared wholesale when full
 
@@ -421,41 +421,81 @@ def _compile_rule(spec: RuleSpec, order: int) -> Rule:
     )
 
 
-def _cross_check(spec: RulesetSpec, source: str) -> list[Issue]:  # noqa: C901, PLR0912 - independent checks
+@dataclass(frozen=True, slots=True)
+class _Parts:
+    """The parts of a ruleset that validated on their own, for the cross-rule checks."""
+
+    header: Header | None
+    tiers: list[Tier] | None
+    tenders: Tenders | None
+    rules: list[tuple[int, RuleSpec]]
+
+    @classmethod
+    def of(cls, spec: RulesetSpec) -> _Parts:
+        return cls(spec.ruleset, spec.tiers, spec.tenders, list(enumerate(spec.rules)))
+
+    @classmethod
+    def salvage(cls, raw: Mapping[str, Any]) -> _Parts:
+        """Best effort when the whole document does not validate: every part that does, so that a
+        typo in one rule does not hide a duplicate id or an undeclared tier in another."""
+
+        def valid(model: type[Any], data: Any) -> Any:
+            try:
+                return model.model_validate(data)
+            except ValidationError:
+                return None
+
+        tiers_raw = raw.get("tiers")
+        tiers = [valid(Tier, t) for t in tiers_raw] if isinstance(tiers_raw, list) else []
+        rules_raw = raw.get("rules", [])
+        rules = [(i, valid(RuleSpec, r)) for i, r in enumerate(rules_raw)] if isinstance(rules_raw, list) else []
+        return cls(
+            valid(Header, raw.get("ruleset")),
+            None if not tiers or None in tiers else tiers,  # undeclared-tier checks need every tier
+            valid(Tenders, raw.get("tenders", {})),
+            [(i, rule) for i, rule in rules if rule is not None],
+        )
+
+
+def _cross_check(parts: _Parts, source: str) -> list[Issue]:  # noqa: C901, PLR0912 - independent checks
     issues: list[Issue] = []
 
     def bad(where: str, message: str, code: str = "inconsistent") -> None:
         issues.append(Issue(field=where, code=code, message=message, source=source))
 
-    try:
-        ZoneInfo(spec.ruleset.timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        bad("ruleset.timezone", f"unknown time zone {spec.ruleset.timezone!r}")
-    tiers = [t.id for t in spec.tiers]
+    if parts.header is not None:
+        try:
+            ZoneInfo(parts.header.timezone)
+        except (ZoneInfoNotFoundError, ValueError, OSError):  # a directory, or a name too long for a path
+            bad("ruleset.timezone", f"unknown time zone {parts.header.timezone!r}")
+    tiers = [t.id for t in parts.tiers or ()]
     for index, tier in enumerate(tiers):
         if tiers.index(tier) != index:
             bad(f"tiers[{index}].id", f"tier {tier!r} is declared twice", "duplicate")
-    known_tiers = set(tiers)
-    known_kinds = set(spec.ruleset.card_kinds)
-    for tier in spec.tenders.stored_value.conflict_tiers:
-        if tier not in known_tiers:
-            bad("tenders.stored_value.conflict_tiers", f"tier {tier!r} is not declared in [[tiers]]", "unknown_tier")
+    known_tiers = set(tiers) if parts.tiers is not None else None
+    known_kinds = set(parts.header.card_kinds) if parts.header is not None else None
+
+    def check_tier(where: str, tier: str) -> None:
+        if known_tiers is not None and tier not in known_tiers:
+            bad(where, f"tier {tier!r} is not declared in [[tiers]]", "unknown_tier")
+
+    if parts.tenders is not None:
+        for tier in parts.tenders.stored_value.conflict_tiers:
+            check_tier("tenders.stored_value.conflict_tiers", tier)
     first_seen: dict[str, int] = {}
     groups: dict[str, tuple[int, str, str]] = {}
-    for index, rule in enumerate(spec.rules):
+    for index, rule in parts.rules:
         where = f"rules[{index}]"
         if rule.id in first_seen:
             bad(f"{where}.id", f"rule id {rule.id!r} is already used by rules[{first_seen[rule.id]}]", "duplicate")
         first_seen.setdefault(rule.id, index)
         for key in ("rates", "marked_down_rates"):
             for tier in getattr(rule, key) or {}:
-                if tier not in known_tiers:
-                    bad(f"{where}.{key}.{tier}", f"tier {tier!r} is not declared in [[tiers]]", "unknown_tier")
+                check_tier(f"{where}.{key}.{tier}", tier)
         for tier in rule.when.tiers:
-            if tier not in known_tiers:
-                bad(f"{where}.when.tiers", f"tier {tier!r} is not declared in [[tiers]]", "unknown_tier")
+            check_tier(f"{where}.when.tiers", tier)
         for kind in rule.when.card_kinds:
-            if kind not in known_kinds:
+            if known_kinds is not None and kind not in known_kinds:
                 bad(f"{where}.when.card_kinds", f"card kind {kind!r} is not in ruleset.card_kinds", "unknown_card_kind")
         if rule.stage == "basket" and rule.stacking == "additive":
             bad(f"{where}.stacking", "basket rules stack multiplicative (in turn), best_of or exclusive")
@@ -501,9 +541,9 @@ def parse_ruleset(text: str, source: str = "<ruleset>") -> Ruleset:
     try:
         spec = RulesetSpec.model_validate(raw)
     except ValidationError as exc:
-        issues = _annotate_rule_ids(issues_from_validation(exc, source), raw)
-        raise RulesetError(issues, what="ruleset") from exc
-    issues = _cross_check(spec, source)
+        issues = [*issues_from_validation(exc, source), *_cross_check(_Parts.salvage(raw), source)]
+        raise RulesetError(_annotate_rule_ids(issues, raw), what="ruleset") from exc
+    issues = _cross_check(_Parts.of(spec), source)
     if issues:
         raise RulesetError(_annotate_rule_ids(issues, raw), what="ruleset")
     return compile_spec(spec, source=source, digest=hashlib.sha256(text.encode()).hexdigest())

@@ -33,9 +33,10 @@ LINE_KINDS = frozenset({"percent", "amount_off", "event_price"})
 POINTS_KINDS = frozenset({"earn", "points_multiplier", "no_points"})
 
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
-_TIME_RE = re.compile(r"([01]\d|2[0-3]):[0-5]\d")
+_TIME_RE = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
 
-Ident = Annotated[str, Field(pattern=_ID_RE.pattern, description="letters, digits, _ . : -")]
+# Patterns are anchored: pydantic searches, it does not match the whole string.
+Ident = Annotated[str, Field(pattern=f"^{_ID_RE.pattern}$", description="letters, digits, _ . : -")]
 MoneyText = Annotated[str, Field(description='decimal string, "12.34"')]
 RateText = Annotated[str, Field(description='decimal string, "0.95"')]
 
@@ -68,7 +69,7 @@ class Tier(_Strict):
 
 class Header(_Strict):
     id: Ident
-    version: str = Field(min_length=1, max_length=40, pattern=r"[A-Za-z0-9][A-Za-z0-9_.:+-]*")
+    version: str = Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:+-]*$")
     name: Label
     timezone: str = "Asia/Shanghai"
     currency: Literal["CNY"] = "CNY"
@@ -147,8 +148,8 @@ class DateRange(_Strict):
 class TimeRange(_Strict):
     """Half-open [from, to) in local time; a range that passes midnight wraps."""
 
-    from_: str = Field(alias="from", pattern=_TIME_RE.pattern)
-    to: str = Field(pattern=_TIME_RE.pattern + r"|24:00")
+    from_: str = Field(alias="from", pattern=f"^{_TIME_RE.pattern}$")
+    to: str = Field(pattern=f"^(?:{_TIME_RE.pattern}|24:00)$")
 
     @model_validator(mode="after")
     def _not_empty(self) -> TimeRange:
