@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.cli import EXIT_INVALID, check_rules
+from agent.cli import EXIT_INVALID, check_rules, quiet_broken_pipe
 from agent.errors import InputError, Issue
 from agent.ruleset import load_ruleset
 from sync.hq.audit import audit_sale
@@ -63,6 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for issue in exc.issues:
             print(f"  {issue}", file=sys.stderr)
         return EXIT_INVALID
+    except BrokenPipeError:
+        quiet_broken_pipe()
+        return 0
 
 
 if __name__ == "__main__":
