@@ -92,18 +92,61 @@ def _step(rule: Rule, tier: str | None, marked_down: bool) -> Step | None:
     return Step(rule, rule.bit, value, rule.scope.skip_discounted, percent=False)
 
 
+@dataclass(frozen=True, slots=True)
+class _Candidates:
+    """For one (SKU, category): rules already known to match, and rules that depend on flags."""
+
+    matched: tuple[Rule, ...]
+    depends: tuple[Rule, ...]
+
+
+def _candidates(ruleset: Ruleset, line: Line) -> tuple[_Candidates, _Candidates, _Candidates]:
+    # The same SKU comes back with other flags (marked down at closing time, ...): what only
+    # the SKU and category decide is worked out once per (SKU, category).
+    key = (line.sku, line.category)
+    found: tuple[_Candidates, _Candidates, _Candidates] | None = ruleset.candidate_cache.get(key)
+    if found is None:
+        parts = []
+        for index in (ruleset.line_rules, ruleset.basket_rules, ruleset.points_rules):
+            rules = index.candidates(line)
+            free = [r for r in rules if r.scope.flag_free]
+            parts.append(
+                _Candidates(
+                    tuple(r for r in free if r.scope.matches(line)), tuple(r for r in rules if not r.scope.flag_free)
+                )
+            )
+        if len(ruleset.candidate_cache) >= IDENTITY_CACHE_LIMIT:
+            ruleset.candidate_cache.clear()
+        found = ruleset.candidate_cache[key] = (parts[0], parts[1], parts[2])
+    return found
+
+
+def _matching(candidates: _Candidates, line: Line) -> tuple[Rule, ...]:
+    if not candidates.depends:
+        return candidates.matched
+    more = [r for r in candidates.depends if r.scope.matches(line)]
+    if not more:
+        return candidates.matched
+    return tuple(sorted((*candidates.matched, *more), key=_order))
+
+
+def _order(rule: Rule) -> int:
+    return rule.order
+
+
 def build_identity(ruleset: Ruleset, line: Line) -> Identity:
     """The candidate rules of a line identity (pure)."""
     discount_excluded = ruleset.discount_exclusion.reason(line)
     points_excluded = ruleset.points_exclusion.reason(line)
+    line_cands, basket_cands, points_cands = _candidates(ruleset, line)
     line_rules: tuple[Rule, ...] = ()
     basket_rules: tuple[Rule, ...] = ()
     points_rules: tuple[Rule, ...] = ()
     if discount_excluded is None:
-        line_rules = tuple(r for r in ruleset.line_rules.candidates(line) if r.scope.matches(line))
-        basket_rules = tuple(r for r in ruleset.basket_rules.candidates(line) if r.scope.matches(line))
+        line_rules = _matching(line_cands, line)
+        basket_rules = _matching(basket_cands, line)
     if points_excluded is None:
-        points_rules = tuple(r for r in ruleset.points_rules.candidates(line) if r.scope.matches(line))
+        points_rules = _matching(points_cands, line)
     return Identity(discount_excluded, points_excluded, line_rules, points_rules, basket_rules, line.marked_down)
 
 

@@ -162,6 +162,11 @@ class CompiledScope:
     marked_down: str
     skip_discounted: bool
 
+    @property
+    def flag_free(self) -> bool:
+        """Whether SKU and category alone decide a match (no flag or marked-down condition)."""
+        return self.flags is None and not self.exclude_flags and self.marked_down == "any"
+
     @classmethod
     def of(cls, scope: Scope) -> CompiledScope:
         return cls(
@@ -346,6 +351,7 @@ class Ruleset:
     coupon_cache: dict[frozenset[str], int] = field(default_factory=dict, compare=False, repr=False)
     identity_cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
     signature_cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+    candidate_cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def _mask(self, holds: Callable[[CompiledWhen], bool]) -> int:
         mask = 0
