@@ -121,8 +121,10 @@ def explain(priced: PricedBasket, lang: str = "zh-CN") -> str:  # noqa: C901 - o
     for pl in priced.lines:
         line = pl.line
         title = f"{line.line_id} {line.sku} [{line.category}]"
+        if _width(title) > 28:
+            title = title[:27] + "~"  # visibly cut, never a dangling bracket that looks complete
         rows.append(
-            f"{_pad(title[:28], 28)}{_pad(format_qty(line.qty), 8, right=True)}"
+            f"{_pad(title, 28)}{_pad(format_qty(line.qty), 8, right=True)}"
             f"{_pad(format_fen(pl.gross_fen), 12, right=True)}{_pad('', 7)}"
         )
         for d in pl.discounts:
