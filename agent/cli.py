@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.basket import Member, parse_basket, parse_member
+from agent.config_cli import add_config_parser, run_config
 from agent.engine import price
 from agent.errors import InputError, Issue
 from agent.render import explain, to_wire
@@ -80,6 +81,7 @@ def _cmd_price(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lane-agent", description="Checkout-lane membership agent")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_config_parser(sub)
 
     rules = sub.add_parser("rules", help="ruleset tools")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
@@ -102,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "rules":
             return check_rules(args.files)
+        if args.command == "config":
+            return run_config(args)
         return _cmd_price(args)
     except InputError as exc:
         print(f"lane-agent: invalid {exc.what}:", file=sys.stderr)

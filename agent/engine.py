@@ -151,27 +151,37 @@ def _combine(mode: str, steps: Sequence[Step], qty: int, net: int) -> list[tuple
     return [(s.rule, part) for s, part in zip(steps, allocate(amount, offs), strict=True) if part]
 
 
-def _line_stage(template: Template, active: int, qty: int, gross: int) -> tuple[Discounts, int]:  # noqa: C901 - hot path, inlined on purpose
+def _line_stage(template: Template, active: int, qty: int, gross: int) -> tuple[Discounts, int]:  # noqa: C901, PLR0912 - hot path, inlined
     """Line stage for one line: groups one on top of another, exclusive rules against the stack.
 
     Returns the discounts and the net.
     """
+    live_groups = []
+    for mode, steps in template.groups:
+        live = [s for s in steps if s.bit & active]
+        if live:
+            live_groups.append((live[0].rule.order, mode, live))
+    if len(live_groups) > 1:
+        # A group takes the place of its first rule *in force*: a rule that does not hold now
+        # must not move the others (the template keeps every candidate, in force or not).
+        live_groups.sort(key=lambda group: group[0])
     applied: list[tuple[Rule, int]] = []
     net = gross
-    for mode, steps in template.groups:
+    for _, mode, live in live_groups:
+        if applied:  # skip_discounted looks at earlier groups only, not at this group's own rules
+            live = [s for s in live if not s.skip_discounted]  # noqa: PLW2901
+            if not live:
+                continue
         if mode == "multiplicative":  # the common case, inlined: each rule on top of the last
-            for step in steps:
-                if step.bit & active and not (applied and step.skip_discounted):
-                    amount = _step_amount(step, qty, net)
-                    if amount > 0:
-                        applied.append((step.rule, amount))
-                        net -= amount
+            for step in live:
+                amount = _step_amount(step, qty, net)
+                if amount > 0:
+                    applied.append((step.rule, amount))
+                    net -= amount
             continue
-        live = [s for s in steps if s.bit & active and not (applied and s.skip_discounted)]
-        if live:
-            for pair in _combine(mode, live, qty, net):
-                applied.append(pair)
-                net -= pair[1]
+        for pair in _combine(mode, live, qty, net):
+            applied.append(pair)
+            net -= pair[1]
     best_total = gross - net
     for step in template.exclusive:
         if step.bit & active:

@@ -64,3 +64,87 @@ class ReturnError(InputError):
     """A return asks for more than was sold, or names unknown lines."""
 
     code = "invalid_return"
+
+
+class ConfigError(InputError):
+    """A lane configuration file is unreadable, malformed or inconsistent."""
+
+    code = "invalid_config"
+
+
+class StoreError(LaneError):
+    """The lane's SQLite store failed; ``path`` names the database file when known."""
+
+    code = "store_error"
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        self.path = path
+        super().__init__(message)
+
+
+class StoreFullError(StoreError):
+    """The disk (or the store's size limit) is full: the transaction was rolled back whole."""
+
+    code = "disk_full"
+
+
+class StoreCorruptError(StoreError):
+    """The database file fails SQLite's integrity check; it is left as found, never recreated."""
+
+    code = "store_corrupt"
+
+
+class StoreBusyError(StoreError):
+    """Another process held the database's write lock longer than the busy timeout."""
+
+    code = "store_busy"
+
+
+class StaleSnapshotError(StoreError):
+    """A member snapshot is older than the member table the lane already has."""
+
+    code = "stale_snapshot"
+
+
+class AckError(StoreError):
+    """Head office acknowledged a sequence number this lane never wrote."""
+
+    code = "bad_ack"
+
+
+class SaleConflictError(StoreError):
+    """An idempotency key (sale, return or void) was reused with a different request."""
+
+    code = "sale_conflict"
+
+    def __init__(self, message: str, *, key: str, path: str = "") -> None:
+        self.key = key
+        super().__init__(message, path=path)
+
+
+class SaleStateError(StoreError):
+    """The request does not fit the sale's recorded state (the caller's mistake, not a store failure)."""
+
+    code = "sale_state"
+
+    def __init__(self, message: str, *, sale_id: str, path: str = "") -> None:
+        self.sale_id = sale_id
+        super().__init__(message, path=path)
+
+
+class UnknownSaleError(SaleStateError):
+    """A return or void names a sale this lane has no record of."""
+
+    code = "unknown_sale"
+
+
+class SaleVoidedError(SaleStateError):
+    """The sale was voided: it cannot be returned, nor voided again with another request."""
+
+    code = "sale_voided"
+
+
+class SaleHasReturnsError(SaleStateError):
+    """The sale already has returns: voiding it would refund those lines twice."""
+
+    code = "sale_has_returns"
