@@ -1,7 +1,8 @@
 """``lane-agent``: the lane daemon's command line (technicians' tools).
 
 Exit codes: 0 success, 1 an input was invalid (every problem printed to
-stderr with file, key and reason), 2 a usage error (argparse's own).
+stderr with file, key and reason), 2 a usage error (argparse's own), 3 the
+lane's store failed (damaged database, full disk, locked).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from agent.engine import price
 from agent.errors import InputError, Issue
 from agent.render import explain, to_wire
 from agent.ruleset import load_ruleset
+from agent.store_cli import add_members_parser, run_members
 
 EXIT_INVALID = 1
 
@@ -82,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lane-agent", description="Checkout-lane membership agent")
     sub = parser.add_subparsers(dest="command", required=True)
     add_config_parser(sub)
+    add_members_parser(sub)
 
     rules = sub.add_parser("rules", help="ruleset tools")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
@@ -106,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check_rules(args.files)
         if args.command == "config":
             return run_config(args)
+        if args.command == "members":
+            return run_members(args)
         return _cmd_price(args)
     except InputError as exc:
         print(f"lane-agent: invalid {exc.what}:", file=sys.stderr)
