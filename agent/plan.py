@@ -183,7 +183,7 @@ def build_template(identity: Identity, tier: str | None) -> Template:
         if rule.stacking == "exclusive":
             exclusive.append(step)
         else:
-            # A group takes the place of its first rule in (priority, id) order.
+            # Kept in (priority, id) order; the engine places a group at its first rule in force.
             by_group.setdefault(rule.group, []).append(step)
             modes[rule.group] = rule.stacking
     no_points, earn, multipliers = _points_template(identity.points_rules, tier)
