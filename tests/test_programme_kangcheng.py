@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from programme_helpers import codes, discounts, points
 
 from agent.basket import Basket, Member, parse_basket, parse_member
-from agent.engine import PricedBasket, PricedLine, price
+from agent.engine import price
 from agent.errors import TenderError
 from agent.ruleset import Ruleset, load_ruleset
 
@@ -62,18 +63,6 @@ def basket(*lines: dict[str, Any], at: str, tenders: tuple[dict[str, Any], ...] 
 
 def member(tier: str, **extra: Any) -> Member:
     return parse_member({"member_id": "M000201", "tier": tier, "birthday": "06-21", **extra})
-
-
-def discounts(pl: PricedLine) -> list[tuple[str, int]]:
-    return [(d.rule_id, d.amount_fen) for d in pl.discounts]
-
-
-def points(pl: PricedLine) -> list[tuple[str, int]]:
-    return [(p.rule_id, p.points) for p in pl.points_detail]
-
-
-def codes(priced: PricedBasket) -> list[str]:
-    return [m.code for m in priced.messages]
 
 
 def sample(name: str) -> Any:
