@@ -1,0 +1,37 @@
+"""`make demo` (scripts/demo.py) explains every shipped sample scenario."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_demo_explains_every_sample_scenario() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "demo.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    titles = [
+        scenario["title_en"]
+        for path in sorted((ROOT / "config" / "samples").glob("*/scenarios.json"))
+        for scenario in json.loads(path.read_text(encoding="utf-8"))
+    ]
+    assert len(titles) >= 15
+    for title in titles:
+        assert title in done.stdout
+    # Every scenario either prices (and shows its totals) or is refused with a reason.
+    shown = done.stdout.count("\n--- ")
+    priced = done.stdout.count("(saved ")
+    refused = done.stdout.count("refused: ")
+    assert shown == len(titles) == priced + refused
+    assert f"priced {priced} sample baskets" in done.stdout
