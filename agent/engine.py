@@ -13,7 +13,11 @@ documented in docs/rules.md ("How a basket is priced"):
 3. basket rules (spend_off, amount_off per basket) on the line results, each
    allocated to its lines by largest remainder;
 4. points on what is actually paid in earning tenders, rounded once per
-   basket and allocated back to (line, rule) pairs.
+   basket and apportioned back to (line, rule) pairs.
+
+Speed comes from memo tables kept on the ruleset (agent.plan and
+Ruleset.active); they hold pure functions of the ruleset, so a warm ruleset
+and a fresh one give identical answers (a property test checks it).
 
 Ties never raise: the earlier rule in (priority, id) order wins.
 """

@@ -53,10 +53,6 @@ class Context:
     coupons: frozenset[str]
 
     @property
-    def is_member(self) -> bool:
-        return self.tier is not None
-
-    @property
     def birthday_relation(self) -> str | None:
         """ "day" on the member's birthday, "month" in the birthday month, else None."""
         if self.birthday is None or self.birthday[0] != self.day.month:

@@ -206,7 +206,7 @@ def _compiled_kib(text: str) -> float:
 
 
 def ruleset_caches(ruleset: Ruleset) -> list[dict[Any, Any]]:
-    """The memo tables the engine keeps on a ruleset (``plan_cache``, ``active_cache``, ...).
+    """The memo tables the engine keeps on a ruleset (``identity_cache``, ``day_cache``, ...).
 
     Found by name (every dict attribute ending in ``_cache``) so that the
     benchmark keeps measuring a true cold start when the engine grows another.
