@@ -23,6 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from agent.errors import InputError, Issue
 from agent.money import parse_money, parse_qty
@@ -30,6 +31,9 @@ from agent.money import parse_money, parse_qty
 TenderKindName = Literal["cash", "bank_card", "points", "rebate", "stored_value", "coupon"]
 
 MARKED_DOWN_FLAG = "marked_down"
+# Error type of the model-level checks that parse_basket/parse_member repeat on the raw
+# document with an exact field path (the models keep them for callers that validate directly).
+DOCUMENT_CHECK = "document_check"
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +183,7 @@ class BasketIn(_Wire):
     def _unique(cls, lines: list[LineIn]) -> list[LineIn]:
         # Also checked on the raw document by parse_basket, which names the offending line.
         if len({line.line_id for line in lines}) != len(lines):
-            raise ValueError("line_id values must be unique")
+            raise PydanticCustomError(DOCUMENT_CHECK, "line_id values must be unique")
         return lines
 
     def to_basket(self) -> Basket:
@@ -227,7 +231,7 @@ class MemberIn(_Wire):
     def _pair(self) -> MemberIn:
         # Also checked on the raw document by parse_member, which names the missing field.
         if (self.next_tier is None) != (self.next_tier_from is None):
-            raise ValueError("give both 'next_tier' and 'next_tier_from', or neither")
+            raise PydanticCustomError(DOCUMENT_CHECK, "give both 'next_tier' and 'next_tier_from', or neither")
         return self
 
     def to_member(self) -> Member:
@@ -294,18 +298,12 @@ def _validate(model: type[_Wire], data: Any, document_issues: list[Issue], sourc
         parsed = model.model_validate(data)
     except ValidationError as exc:
         found = issues_from_validation(exc, source)
-        # The raw-document checks name the exact field; drop pydantic's vaguer twin of them.
-        fields = {issue.field for issue in document_issues}
-        vague = {"lines", ""} if fields else set()
-        found = [i for i in found if not (i.field in vague and i.code == "value_error" and _twin(i.message))]
+        # The raw-document checks name the exact field; pydantic's twin of them is dropped.
+        found = [issue for issue in found if issue.code != DOCUMENT_CHECK]
         raise InputError([*found, *document_issues], what=what) from exc
     if document_issues:
         raise InputError(document_issues, what=what)
     return parsed
-
-
-def _twin(message: str) -> bool:
-    return "must be unique" in message or "'next_tier'" in message
 
 
 def parse_basket(data: Any, source: str = "basket") -> Basket:
