@@ -2,7 +2,8 @@
 
 Exit codes: 0 success, 1 an input was invalid (every problem printed to
 stderr with file, key and reason), 2 a usage error (argparse's own), 3 the
-lane's store failed (damaged database, full disk, locked).
+lane's store failed (damaged database, full disk, locked), 4 the daemon
+cannot listen on its address (``run``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from agent.engine import price
 from agent.errors import InputError, Issue
 from agent.render import explain, to_wire
 from agent.ruleset import load_ruleset
+from agent.run_cli import add_run_parser, run_daemon
 from agent.store_cli import add_members_parser, run_members
 
 EXIT_INVALID = 1
@@ -85,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_config_parser(sub)
     add_members_parser(sub)
+    add_run_parser(sub)
 
     rules = sub.add_parser("rules", help="ruleset tools")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
@@ -105,13 +108,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lane-agent`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "rules":
-            return check_rules(args.files)
-        if args.command == "config":
-            return run_config(args)
-        if args.command == "members":
-            return run_members(args)
-        return _cmd_price(args)
+        commands = {
+            "rules": lambda: check_rules(args.files),
+            "config": lambda: run_config(args),
+            "members": lambda: run_members(args),
+            "run": lambda: run_daemon(args),
+            "price": lambda: _cmd_price(args),
+        }
+        return commands[args.command]()
     except InputError as exc:
         print(f"lane-agent: invalid {exc.what}:", file=sys.stderr)
         for issue in exc.issues:

@@ -347,6 +347,46 @@ class LaneStore:
         row = await self._run(lambda conn: conn.execute(_GET_MEMBER, (member_id,)).fetchone(), "member lookup")
         return None if row is None else _member(row[1:], card_kind=row[0])
 
+    async def card_for_sale(self, card_hash: bytes) -> tuple[CardRecord, tuple[int, int]] | None:
+        """``lookup_card`` and the member's ``unsynced_spend`` read together: one thread hop, one snapshot."""
+
+        def read(conn: sqlite3.Connection) -> tuple[Any, Any] | None:
+            row = conn.execute(_LOOKUP_CARD, (card_hash,)).fetchone()
+            if row is None:
+                return None
+            return row, conn.execute(_UNSYNCED_SPEND, (row[4],)).fetchone()
+
+        found = await self._run(read, "card lookup")
+        if found is None:
+            return None
+        row, spend = found
+        kind, state, valid_from, valid_until = row[:4]
+        record = CardRecord(
+            card_hash=card_hash,
+            card_kind=kind,
+            state=state,
+            valid_from=dt.date.fromisoformat(valid_from),
+            valid_until=_date(valid_until),
+            member=_member(row[4:], card_kind=kind),
+            member_version=row[-1],
+        )
+        return record, (int(spend[0]), int(spend[1]))
+
+    async def member_for_sale(self, member_id: str) -> tuple[Member, tuple[int, int]] | None:
+        """``get_member`` and ``unsynced_spend`` read together: one thread hop, one snapshot."""
+
+        def read(conn: sqlite3.Connection) -> tuple[Any, Any] | None:
+            row = conn.execute(_GET_MEMBER, (member_id,)).fetchone()
+            if row is None:
+                return None
+            return row, conn.execute(_UNSYNCED_SPEND, (member_id,)).fetchone()
+
+        found = await self._run(read, "member lookup")
+        if found is None:
+            return None
+        row, spend = found
+        return _member(row[1:], card_kind=row[0]), (int(spend[0]), int(spend[1]))
+
     async def import_snapshot(
         self, path: str | os.PathLike[str], *, allow_older: bool = False, chunk_members: int = 5000
     ) -> ImportResult:
@@ -575,6 +615,16 @@ class LaneStore:
             return json.loads(stored), False
 
         return await self._write(commit, "return commit")
+
+    async def find_return(self, return_id: str) -> tuple[str, str, dict[str, Any]] | None:
+        """A committed return by the POS's id: ``(sale_id, request_digest, response)``, or None."""
+        row = await self._run(
+            lambda conn: conn.execute(
+                "SELECT sale_id, request_digest, response FROM returns WHERE return_id = ?", (return_id,)
+            ).fetchone(),
+            "return lookup",
+        )
+        return None if row is None else (row[0], row[1], json.loads(row[2]))
 
     async def returned_so_far(self, sale_id: str) -> dict[str, Returned]:
         """What the sale's returns took back so far, per line: the engine's ``previous``."""

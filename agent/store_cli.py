@@ -1,9 +1,10 @@
 """``lane-agent members …``: the technicians' member-cache commands.
 
-``members import FILE --db PATH --card-key-hex HEX`` loads a member snapshot
-(docs/member-snapshot.md) into the lane's store.  The database path and the
-card key will come from lane.toml once the configuration lands; until then
-they are options.
+``members import FILE [--config lane.toml]`` loads a member snapshot
+(docs/member-snapshot.md) into the lane's store, the database path and card
+key taken from the lane's configuration (default /etc/lane-agent/lane.toml).
+``--db PATH --card-key-hex HEX`` give them directly instead (a bench, a
+database copied off a lane).
 
 Exit codes: 0 imported; 1 the file or an option is invalid, or the snapshot is
 older than the lane's member table (every problem printed to stderr, the cache
@@ -18,6 +19,7 @@ import asyncio
 import binascii
 import sys
 
+from agent.config import DEFAULT_PATH, load_config
 from agent.errors import InputError, Issue, StaleSnapshotError, StoreError
 from agent.snapshot import MIN_KEY_BYTES
 from agent.store import ImportResult, LaneStore
@@ -32,10 +34,13 @@ def add_members_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     sub = members.add_subparsers(dest="members_command", required=True)
     imp = sub.add_parser("import", help="replace the member cache with a snapshot file (docs/member-snapshot.md)")
     imp.add_argument("file", metavar="FILE", help="member snapshot, JSON Lines")
-    imp.add_argument("--db", required=True, metavar="PATH", help="the lane's database file")
     imp.add_argument(
-        "--card-key-hex", required=True, metavar="HEX", help="the chain's card key (hex), shared with head office"
+        "--config", metavar="FILE", help=f"lane configuration with [store] path and card key (default {DEFAULT_PATH})"
     )
+    imp.add_argument(
+        "--db", metavar="PATH", help="the lane's database file (instead of --config; needs --card-key-hex)"
+    )
+    imp.add_argument("--card-key-hex", metavar="HEX", help="the chain's card key (hex), shared with head office")
     imp.add_argument("--allow-older", action="store_true", help="accept a snapshot older than the cached member table")
     return members
 
@@ -53,15 +58,31 @@ def _card_key(text: str) -> bytes:
     return key
 
 
-async def _import(args: argparse.Namespace, key: bytes) -> ImportResult:
-    async with await LaneStore.open(args.db, key) as store:
+async def _import(args: argparse.Namespace, db: str, key: bytes) -> ImportResult:
+    async with await LaneStore.open(db, key) as store:
         return await store.import_snapshot(args.file, allow_older=args.allow_older)
+
+
+def _target(args: argparse.Namespace) -> tuple[str, bytes]:
+    """The database and card key: from --db/--card-key-hex, else from the configuration file."""
+    if args.db is not None or args.card_key_hex is not None:
+        if args.config is not None:
+            issue = Issue("--config", "conflict", "give --config, or --db with --card-key-hex")
+            raise InputError([issue], what="option")
+        if args.db is None or args.card_key_hex is None:
+            missing = "--db" if args.db is None else "--card-key-hex"
+            raise InputError([Issue(missing, "missing", "--db and --card-key-hex go together")], what="option")
+        return args.db, _card_key(args.card_key_hex)
+    config = load_config(args.config or DEFAULT_PATH)
+    return str(config.store.path), config.store.card_hash_key.reveal()
 
 
 def run_members(args: argparse.Namespace) -> int:
     """Run a ``members`` subcommand; returns the process exit code."""
+    db = args.db
     try:
-        result = asyncio.run(_import(args, _card_key(args.card_key_hex)))
+        db, key = _target(args)
+        result = asyncio.run(_import(args, db, key))
     except InputError as exc:
         print(
             f"lane-agent: invalid {exc.what} ({len(exc.issues)} problem(s)); nothing imported:",
@@ -77,7 +98,7 @@ def run_members(args: argparse.Namespace) -> int:
         print(f"lane-agent: {exc} [{exc.code}]", file=sys.stderr)
         return EXIT_STORE
     print(
-        f"imported {result.source} into {args.db}: member-table version {result.version}, "
+        f"imported {result.source} into {db}: member-table version {result.version}, "
         f"{result.members} members, {result.cards} cards ({result.seconds:.1f} s)"
     )
     return 0
