@@ -9,6 +9,8 @@ if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     missing+=(python3-venv python3-pip)
 fi
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
+# The POS API docs' curl examples are run by the tests.
+command -v curl >/dev/null 2>&1 || missing+=(curl ca-certificates)
 
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0
