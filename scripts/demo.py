@@ -1,8 +1,9 @@
-"""`make demo` (for now): price the sample baskets of every shipped programme and explain them.
+"""`make demo`: the sample baskets of every shipped programme, explained; then a lane agent at work.
 
 Each programme's samples live in config/samples/<ruleset id>/ with a
-scenarios.json listing the baskets and members to price.  Later issues turn
-this into the full lane + head-office demo.
+scenarios.json listing the baskets and members to price.  The second part
+(scripts/demo_lane.py) starts a real lane agent and plays a till against its
+POS API.  Later issues add card readers, head office and MQTT sync.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from agent.render import explain
 from agent.ruleset import load_ruleset
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import demo_lane  # noqa: E402 - beside this script, not a package
 
 
 def main() -> int:
@@ -51,7 +54,7 @@ def main() -> int:
             total_baskets += 1
     print(f"\npriced {total_baskets} sample baskets.  Rules: docs/rules.md   POS API: docs/pos-api.md")
     print("try: .venv/bin/lane-agent price --rules config/rules/888-mall.toml --basket <basket.json> --explain")
-    return 0
+    return demo_lane.main()
 
 
 if __name__ == "__main__":

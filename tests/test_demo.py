@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +36,23 @@ def test_demo_explains_every_sample_scenario() -> None:
     refused = done.stdout.count("refused: ")
     assert shown == len(titles) == priced + refused
     assert f"priced {priced} sample baskets" in done.stdout
+
+
+def test_demo_runs_a_lane_agent_and_plays_a_till() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "demo_lane.py")],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=ROOT,
+        env={**os.environ, "DURATION": "0"},
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "REFUSED [lost]" in out
+    assert "REFUSED [not_yet_valid]" in out
+    assert "Idempotent-Replay: true" in out
+    assert "other body: sale_conflict" in out
+    assert "journal: last seq 4" in out  # sale, return, guest sale, void: the retry wrote nothing
+    assert "lane agent stopped (exit 0)" in out

@@ -1,0 +1,219 @@
+"""The lane half of `make demo`: a real lane agent answering a simulated till over its POS API.
+
+Writes a lane configuration, a ruleset and a member snapshot into a temporary
+directory, imports the members with `lane-agent members import`, starts
+`lane-agent run` and plays a till: cards swiped (one good, one lost, one
+issued today), a basket priced, the sale committed and retried (the retry is
+answered from the journal), part of it returned, a second sale voided.  The
+agent stays up for DURATION seconds afterwards (default 0: stop at once;
+DURATION=-1 or any negative keeps it until Ctrl-C) so its /docs page can be
+opened.
+
+Card readers and MQTT sync arrive with later issues; until then the till is
+this script.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from agent.snapshot import SnapshotCard, SnapshotMember, card_hash, write_snapshot
+
+ROOT = Path(__file__).resolve().parent.parent
+RULES = ROOT / "config" / "rules" / "888-mall.toml"
+SHANGHAI = dt.timezone(dt.timedelta(hours=8))
+CARDS = {"gold": "6200 8888 0000 0001", "lost": "6200 8888 0000 0002", "new": "6200 8888 0000 0003"}
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _members(key: bytes, today: dt.date) -> list[SnapshotMember]:
+    def card(number: str, state: str = "active", valid_from: dt.date = dt.date(2025, 1, 1)) -> SnapshotCard:
+        return SnapshotCard(card_hash=card_hash(key, number).hex(), kind="standard", state=state, valid_from=valid_from)
+
+    return [
+        SnapshotMember(
+            member_id="M000888",
+            tier="gold",
+            points_balance=12000,
+            rebate_balance="35.20",
+            cards=(card(CARDS["gold"]), card(CARDS["lost"], "lost")),
+        ),
+        SnapshotMember(
+            member_id="M000889",
+            tier="vip",
+            points_balance=0,
+            rebate_balance="0.00",
+            cards=(card(CARDS["new"], valid_from=today + dt.timedelta(days=1)),),
+        ),
+    ]
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _till(http: httpx.Client) -> None:
+    for name, number in CARDS.items():
+        answer = http.post("/v1/identify", json={"code": number}).json()
+        if answer["result"] == "identified":
+            member = answer["member"]
+            _say(
+                f"  swipe {name:<5} card: {member['member_id']} {member['tier_label']['en']}, "
+                f"{member['points_available']} points, rebate {member['rebate_available']} available"
+            )
+        else:
+            _say(
+                f"  swipe {name:<5} card: REFUSED [{answer['reason']}] "
+                f"{answer['message']['zh-CN']} / {answer['message']['en']}"
+            )
+    basket: dict[str, Any] = {
+        "member_id": "M000888",
+        "lines": [
+            {"line_id": "1", "sku": "6901234567892", "category": "womenswear", "qty": "1", "unit_price": "1000.00"},
+            {
+                "line_id": "2",
+                "sku": "6900000000012",
+                "category": "fresh",
+                "qty": "0.356",
+                "unit_price": "45.80",
+                "regular_price": "52.00",
+            },
+        ],
+    }
+    priced = http.post("/v1/price", json=basket).json()
+    totals = priced["totals"]
+    _say(
+        f"  price: gross {totals['gross']}, discount {totals['discount']}, "
+        f"net {totals['net']}, {totals['points']} points"
+    )
+    for line in priced["lines"]:
+        for discount in line["discounts"]:
+            _say(f"    line {line['line_id']}: -{discount['amount']} {discount['label']['zh-CN']} ({discount['rule']})")
+    net_fen = int(totals["net"].replace(".", ""))
+    sale = {
+        **basket,
+        "sale_id": f"DEMO-{int(time.time())}",
+        "tenders": [{"kind": "rebate", "amount": "35.20"}, {"kind": "cash", "amount": f"{(net_fen - 3520) / 100:.2f}"}],
+    }
+    started = time.perf_counter()
+    first = http.post("/v1/sales", json=sale)
+    took = (time.perf_counter() - started) * 1000
+    _say(f"  sale {sale['sale_id']}: {first.status_code} {first.json()['status']} in {took:.1f} ms (durable on disk)")
+    again = http.post("/v1/sales", json=sale)
+    _say(
+        f"  same sale sent again (a POS retry): {again.status_code}, "
+        f"Idempotent-Replay: {again.headers.get('idempotent-replay')}"
+    )
+    changed = {**sale, "tenders": [{"kind": "cash", "amount": totals["net"]}]}
+    conflict = http.post("/v1/sales", json=changed).json()["error"]
+    _say(f"  same sale_id, other body: {conflict['code']}")
+    returned = http.post(
+        "/v1/returns",
+        json={
+            "return_id": f"{sale['sale_id']}-R1",
+            "sale_id": sale["sale_id"],
+            "member_id": "M000888",
+            "lines": [{"line_id": "2", "qty": "0.200"}],
+        },
+    ).json()
+    _say(f"  return 0.200 kg of line 2: refund {returned['refund']}, {returned['points_reversed']} points reversed")
+    guest = {
+        "sale_id": f"{sale['sale_id']}-2",
+        "lines": [basket["lines"][0]],
+        "tenders": [{"kind": "bank_card", "amount": "1000.00"}],
+    }
+    http.post("/v1/sales", json=guest)
+    voided = http.post(f"/v1/sales/{guest['sale_id']}/void", json={"reason": "wrong basket"}).json()
+    _say(f"  guest sale voided: refund {voided['refund']}")
+    status = http.get("/v1/status").json()
+    journal = status["journal"]
+    _say(
+        f"  journal: last seq {journal['last_seq']}, backlog {journal['backlog']} for head office (sync: a later issue)"
+    )
+
+
+def main() -> int:
+    duration = float(os.environ.get("DURATION", "0") or 0)
+    work = Path(tempfile.mkdtemp(prefix="lane-demo-"))
+    key = secrets.token_bytes(32)
+    token = secrets.token_urlsafe(24)
+    port = _port()
+    rules = work / "rules.toml"
+    shutil.copyfile(RULES, rules)
+    config = work / "lane.toml"
+    config.write_text(
+        f'[lane]\nstore = "demo-store"\nlane = "lane-01"\n\n'
+        f'[api]\nport = {port}\ntoken = "{token}"\n\n'
+        f'[store]\npath = "{work / "lane.db"}"\ncard_hash_key = "hex:{key.hex()}"\n\n'
+        f'[rules]\npath = "{rules}"\n\n[logging]\nlevel = "WARNING"\n',
+        encoding="utf-8",
+    )
+    snapshot = work / "members.jsonl"
+    write_snapshot(snapshot, _members(key, dt.datetime.now(SHANGHAI).date()), version=1, card_key=key)
+    agent = [sys.executable, "-m", "agent.cli"]
+    subprocess.run(
+        [*agent, "members", "import", str(snapshot), "--config", str(config)], check=True, cwd=ROOT, capture_output=True
+    )
+    _say(f"\n=== A lane agent on http://127.0.0.1:{port} (POS API docs: http://127.0.0.1:{port}/docs)")
+    process = subprocess.Popen([*agent, "run", "--config", str(config)], cwd=ROOT)
+    try:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"}, timeout=10
+        ) as http:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    http.get("/v1/status").raise_for_status()
+                    break
+                except httpx.HTTPError:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        _say("the lane agent did not start")
+                        return 1
+                    time.sleep(0.1)
+            _till(http)
+            metrics = http.get("/metrics").text
+            answered = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in metrics.splitlines()
+                if line.startswith("lane_api_requests_total{")
+            )
+            _say(f"  {answered:.0f} API requests answered; metrics: http://127.0.0.1:{port}/metrics")
+        if duration:
+            _say(
+                f"  the agent keeps running {'until Ctrl-C' if duration < 0 else f'for {duration:g} s'}; token: {token}"
+            )
+            try:
+                if duration < 0:
+                    process.wait()
+                else:
+                    time.sleep(duration)
+            except KeyboardInterrupt:
+                pass
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(30)
+        shutil.rmtree(work, ignore_errors=True)
+    _say(f"  lane agent stopped (exit {code}); its data was in {work} (removed)")
+    return 0 if code == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
