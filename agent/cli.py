@@ -2,8 +2,9 @@
 
 Exit codes: 0 success, 1 an input was invalid (every problem printed to
 stderr with file, key and reason), 2 a usage error (argparse's own), 3 the
-lane's store failed (damaged database, full disk, locked), 4 the daemon
-cannot listen on its address (``run``).
+lane's store failed (damaged database, full disk, locked); ``run`` exits 78
+(EX_CONFIG) for an invalid configuration or ruleset and 4 when it cannot
+listen on its address (``agent/run_cli.py``).
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
 """``lane-agent run [--config FILE]``: start the lane daemon.
 
-Exit codes: 0 stopped cleanly by SIGTERM/SIGINT; 1 the configuration or the
-ruleset is invalid (every problem printed to stderr); 3 the store failed
-(damaged database, full disk at start, locked); 4 the API's address cannot be
-bound.  Under systemd, ``Restart=on-failure`` retries all but a clean stop.
+Exit codes: 0 stopped cleanly by SIGTERM/SIGINT; 78 (EX_CONFIG) the
+configuration or the ruleset is invalid (every problem printed to stderr);
+3 the store failed (damaged database, full disk at start, locked); 4 the
+API's address cannot be bound.  Under systemd, ``Restart=on-failure`` retries
+the others (a locked database or a busy port may clear), while
+``RestartPreventExitStatus=78`` stops a loop that only a technician can end;
+a crash exits 1 and is restarted.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("agent.run")
 
-EXIT_INVALID = 1
+EXIT_INVALID = 78  # EX_CONFIG (sysexits.h): distinct from a crash's 1
 EXIT_STORE = 3
 EXIT_LISTEN = 4
 

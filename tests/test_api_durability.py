@@ -239,10 +239,10 @@ def test_a_full_disk_refuses_the_sale_cleanly_and_recovers_when_space_returns(tm
     assert "disk_full" in lane.log() or "disk is full" in lane.log()
 
 
-def test_an_invalid_configuration_exits_1_with_every_problem(tmp_path: Path) -> None:
+def test_an_invalid_configuration_exits_78_with_every_problem(tmp_path: Path) -> None:
     lane = Lane(tmp_path / "lane", extra_config="\n[returns]\nwindow_days = -1\nbogus = 1\n")
     result = lane.cli("run", "--config", str(lane.config_path), check=False)
-    assert result.returncode == 1
+    assert result.returncode == 78  # EX_CONFIG: systemd does not restart it
     assert "returns.window_days" in result.stderr
     assert "returns.bogus" in result.stderr
 
