@@ -851,6 +851,40 @@ def test_unsynced_spend_counts_until_head_office_acknowledges(tmp_path: Path) ->
     with_store(db, body)
 
 
+def test_lookups_for_a_sale_read_the_member_and_its_unsynced_spend_together(tmp_path: Path) -> None:
+    async def body(store: LaneStore) -> None:
+        await _import_v1(store, tmp_path)
+        await sale(store, "A", member_id="M000123", points=100, rebate=500)
+        card = await store.card_for_sale(store.card_hash(RAW["active"]))
+        assert card is not None
+        record, spend = card
+        assert (record.member.member_id, record.member.points_balance, spend) == ("M000123", 1200, (100, 500))
+        assert record == await store.lookup_card(store.card_hash(RAW["active"]))
+        member = await store.member_for_sale("M000123")
+        assert member is not None
+        assert (member[0], member[1]) == (await store.get_member("M000123"), (100, 500))
+        assert await store.card_for_sale(store.card_hash(RAW["other_member"])) is None
+        assert await store.member_for_sale("nobody") is None
+        assert await store.mark_acked(1) == 1
+        acked = await store.member_for_sale("M000123")
+        assert acked is not None
+        assert acked[1] == (0, 0)
+
+    with_store(tmp_path / "lane.db", body)
+
+
+def test_find_return_gives_the_committed_return(tmp_path: Path) -> None:
+    async def body(store: LaneStore) -> None:
+        await sale(store, "A", lines=LINES)
+        assert await store.find_return("R") is None
+        await store.commit_return(
+            "R", "A", "dig", {"e": 1}, {"refund": "1.00"}, {"1": Returned(1000, 100, 0)}, at=AT, rules_version="r"
+        )
+        assert await store.find_return("R") == ("A", "dig", {"refund": "1.00"})
+
+    with_store(tmp_path / "lane.db", body)
+
+
 # --- full disk ----------------------------------------------------------------------
 
 
