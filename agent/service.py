@@ -29,7 +29,7 @@ from agent import __version__
 from agent.basket import Basket, BasketIn, Member
 from agent.config import LaneConfig
 from agent.engine import PricedBasket, price
-from agent.errors import InputError, Issue, UnknownSaleError
+from agent.errors import InputError, Issue, SaleConflictError, UnknownSaleError
 from agent.events import EventBus, Source
 from agent.money import format_fen, format_qty
 from agent.pos_models import IdentifyIn, ReturnIn, SaleIn, VoidIn
@@ -214,13 +214,20 @@ class LaneService:
         """Price and journal a sale durably; ``(response, replayed)``.  ``body`` is the decoded request JSON.
 
         The same ``sale_id`` and body replays the first answer without pricing
-        again (the member's balance has moved since); another body is a
-        SaleConflictError.  The tenders must pay exactly what is due.
+        again; another body is a SaleConflictError.  Both are decided again
+        inside the commit's transaction, for two requests racing with one id.
+        The tenders must pay exactly what is due.
         """
         digest = request_digest(body)
         stored = await self.store.find_sale(request.sale_id)
-        if stored is not None and stored.request_digest == digest:
-            return stored.response, True  # fast path; commit_sale would replay the same inside its transaction
+        if stored is not None:
+            # Decided before pricing: a retry is answered as first committed (the member's balance has
+            # moved since), and a reused id is a conflict whatever else is wrong with the new body.
+            if stored.request_digest != digest:
+                raise SaleConflictError(
+                    f"sale {request.sale_id!r} was already committed with a different request", key=request.sale_id
+                )
+            return stored.response, True
         at = self._moment(request.at)
         member = await self._member_of(request)
         basket: Basket = dataclasses.replace(request.to_basket(), at=at)

@@ -256,6 +256,9 @@ def test_a_retry_with_another_body_is_a_conflict(client: httpx.Client, lane: Lan
     answer = client.post("/v1/sales", json=changed)
     assert answer.status_code == 409
     assert error_of(answer)["code"] == "sale_conflict"
+    # A reused id is a conflict even when the new body would be refused for another reason.
+    short = client.post("/v1/sales", json={**doc, "tenders": [{"kind": "cash", "amount": "0.01"}]})
+    assert (short.status_code, error_of(short)["code"]) == (409, "sale_conflict")
     assert len(journal(lane)) == before
 
 
