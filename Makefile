@@ -30,6 +30,8 @@ check: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run
+	$(PY) -m bench.api
+	$(PY) -m bench.swipe
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py

@@ -322,9 +322,10 @@ def create_app(  # noqa: C901 - one nested function per route reads best
     @app.post("/v1/sales", dependencies=v1, responses=_ERRORS, tags=["sales"])
     async def sales(request: SaleIn, raw: Request) -> Response:
         """Commit a sale, durably, before answering. Idempotent on `sale_id`: a retry replays; another body is 409."""
-        response, replayed = await bounded(service.sale(request, await raw.json()))
+        text, replayed = await bounded(service.sale(request, await raw.json()))
         _count(metrics, "sale", replayed)
-        return JSONBody(response, headers={"Idempotent-Replay": "true"} if replayed else None)
+        headers = {"Idempotent-Replay": "true"} if replayed else None
+        return Response(text.encode("utf-8"), media_type="application/json", headers=headers)
 
     @app.post("/v1/returns", dependencies=v1, responses=_ERRORS, tags=["sales"])
     async def returns(request: ReturnIn, raw: Request) -> Response:

@@ -20,6 +20,7 @@ from typing import Any
 
 from agent.basket import Member, parse_basket, parse_member
 from agent.config_cli import add_config_parser, run_config
+from agent.devices_cli import add_devices_parsers, run_devices, run_probe
 from agent.engine import price
 from agent.errors import InputError, Issue
 from agent.render import explain, to_wire
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_parser(sub)
     add_members_parser(sub)
     add_run_parser(sub)
+    add_devices_parsers(sub)
 
     rules = sub.add_parser("rules", help="ruleset tools")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
@@ -114,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "config": lambda: run_config(args),
             "members": lambda: run_members(args),
             "run": lambda: run_daemon(args),
+            "devices": lambda: run_devices(args),
+            "probe": lambda: run_probe(args),
             "price": lambda: _cmd_price(args),
         }
         return commands[args.command]()

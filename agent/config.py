@@ -36,6 +36,7 @@ from pydantic import (
     ConfigDict,
     Field,
     GetCoreSchemaHandler,
+    SerializeAsAny,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -45,6 +46,8 @@ from pydantic_core import PydanticCustomError, core_schema
 from agent.basket import issues_from_validation
 from agent.errors import ConfigError, Issue
 from agent.money import parse_money
+from drivers.config import DeviceConfig
+from drivers.registry import parse_device
 
 DEFAULT_PATH = Path("/etc/lane-agent/lane.toml")
 REDACTED = "***redacted***"
@@ -414,6 +417,8 @@ class LaneConfig(_Section):
     offline: OfflineSection = Field(default_factory=OfflineSection)
     returns: ReturnsSection = Field(default_factory=ReturnsSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    # [[devices]]: each table validated by its driver's own model (drivers.registry).
+    devices: tuple[SerializeAsAny[DeviceConfig], ...] = ()
 
 
 def _section_models() -> dict[str, type[_Section]]:
@@ -565,9 +570,9 @@ def parse_config(text: str, source: str = "<config>", *, environ: Mapping[str, s
     except tomllib.TOMLDecodeError as exc:  # its message gives the line and column
         raise ConfigError([Issue("", "toml_syntax", str(exc), source)], what="configuration") from exc
     issues: list[Issue] = []
-    known = list(SECTIONS)
+    known = [*SECTIONS, "devices"]
     for name in raw:
-        if name not in SECTIONS:
+        if name not in known:
             message = _unknown(name, known).replace("known:", "known sections:")
             issues.append(Issue(name, "extra_forbidden", message, source))
     sections: dict[str, _Section] = {}
@@ -578,9 +583,35 @@ def parse_config(text: str, source: str = "<config>", *, environ: Mapping[str, s
         if section is not None:
             sections[name] = section
     issues.extend(_cross_check(sections, source))
+    devices, found = _validate_devices(raw.get("devices", []), source)
+    issues.extend(found)
     if issues:
         raise ConfigError(issues, what="configuration")
-    return LaneConfig.model_validate(sections)
+    return LaneConfig.model_validate({**sections, "devices": devices})
+
+
+def _validate_devices(raw: object, source: str) -> tuple[tuple[DeviceConfig, ...], list[Issue]]:
+    """``[[devices]]``: each table by its driver's model; names unique."""
+    if not isinstance(raw, list):
+        return (), [Issue("devices", "table_type", "write each device as a [[devices]] table", source)]
+    devices: list[DeviceConfig] = []
+    issues: list[Issue] = []
+    seen: dict[str, int] = {}
+    for index, table in enumerate(raw):
+        where = f"devices[{index}]"
+        if not isinstance(table, dict):
+            issues.append(Issue(where, "table_type", "must be a [[devices]] table", source))
+            continue
+        device, problems = parse_device(table)
+        issues.extend(Issue(f"{where}.{p.key}" if p.key else where, p.code, p.message, source) for p in problems)
+        if device is None:
+            continue
+        if device.name in seen:
+            message = f"device name {device.name!r} is also devices[{seen[device.name]}]'s"
+            issues.append(Issue(f"{where}.name", "duplicate", message, source))
+        seen.setdefault(device.name, index)
+        devices.append(device)
+    return tuple(devices), issues
 
 
 def load_config(path: str | Path = DEFAULT_PATH, *, environ: Mapping[str, str] | None = None) -> LaneConfig:

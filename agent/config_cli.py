@@ -73,19 +73,26 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, Mapping):
+        pairs = ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items() if v is not None)
+        return "{ " + pairs + " }" if pairs else "{}"
     # A JSON string is a valid TOML basic string: same quotes, same escapes.
     return json.dumps(str(value), ensure_ascii=False)
 
 
-def to_toml(data: Mapping[str, Mapping[str, Any]]) -> str:
+def to_toml(data: Mapping[str, Any]) -> str:
     """Render a redacted configuration as TOML; keys never given are shown as comments."""
     out: list[str] = []
     for section, keys in data.items():
-        if out:
-            out.append("")
-        out.append(f"[{section}]")
-        for key, value in keys.items():
-            out.append(f"# {key} is not set" if value is None else f"{key} = {_toml_value(value)}")
+        tables = keys if isinstance(keys, list) else [keys]
+        for table in tables:
+            if out:
+                out.append("")
+            out.append(f"[[{section}]]" if isinstance(keys, list) else f"[{section}]")
+            for key, value in table.items():
+                out.append(f"# {key} is not set" if value is None else f"{key} = {_toml_value(value)}")
     return "\n".join(out)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import logging
 import os
 import time
@@ -36,7 +37,7 @@ from agent.pos_models import IdentifyIn, ReturnIn, SaleIn, VoidIn
 from agent.render import to_wire
 from agent.returns import Returned, SoldLine, price_return
 from agent.ruleset import Ruleset
-from agent.store import CardRecord, LaneStore, request_digest
+from agent.store import CardRecord, LaneStore, SaleRecord, request_digest
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,11 @@ class LaneService:
             return self._reject(use, source, member_id=record.member.member_id)
         return self._accept(record.member, spend, record, source, today)
 
-    def _reject(self, reason: str, source: Source, *, member_id: str | None = None) -> Identified:
+    def reject_unreadable(self, source: Source, detail: str) -> Identified:
+        """A device read nothing usable (a half swipe, a forged QR code): the POS hears why, nobody is matched."""
+        return self._reject("unreadable", source, detail=detail)
+
+    def _reject(self, reason: str, source: Source, *, member_id: str | None = None, detail: str = "") -> Identified:
         zh, en = REJECTIONS[reason]
         document: dict[str, Any] = {
             "result": "rejected",
@@ -134,6 +139,8 @@ class LaneService:
             "reason": reason,
             "message": {"zh-CN": zh, "en": en},
         }
+        if detail:
+            document["detail"] = detail
         # The member id helps the service desk; a card number never leaves the request.
         event = {**document, "member_id": member_id}
         self.events.publish("card.rejected", event)
@@ -210,26 +217,31 @@ class LaneService:
             raise _issue(field, "at_in_future", f"{at.isoformat()} is ahead of the lane's clock ({now.isoformat()})")
         return at
 
-    async def sale(self, request: SaleIn, body: Any) -> tuple[dict[str, Any], bool]:
-        """Price and journal a sale durably; ``(response, replayed)``.  ``body`` is the decoded request JSON.
+    async def sale(self, request: SaleIn, body: Any) -> tuple[str, bool]:
+        """Price and journal a sale durably; ``(response JSON text, replayed)``.  ``body``: the decoded request.
 
         The same ``sale_id`` and body replays the first answer without pricing
         again; another body is a SaleConflictError.  Both are decided again
         inside the commit's transaction, for two requests racing with one id.
         The tenders must pay exactly what is due.
+
+        The priced result (some 27 KB for 30 lines) is encoded once and used
+        three times: in the journal entry, in the answer, and on a replay
+        (rebuilt from the entry; the store keeps only a small envelope as the
+        response, so the result is not stored twice).
         """
         digest = request_digest(body)
-        stored = await self.store.find_sale(request.sale_id)
+        stored, found = await self.store.sale_context(request.sale_id, request.member_id)
         if stored is not None:
             # Decided before pricing: a retry is answered as first committed (the member's balance has
             # moved since), and a reused id is a conflict whatever else is wrong with the new body.
-            if stored.request_digest != digest:
-                raise SaleConflictError(
-                    f"sale {request.sale_id!r} was already committed with a different request", key=request.sale_id
-                )
-            return stored.response, True
+            return self._replay(stored, digest), True
         at = self._moment(request.at)
-        member = await self._member_of(request)
+        member = None
+        if request.member_id is not None:
+            if found is None:
+                raise _issue("member_id", "unknown_member", f"this lane has no member {request.member_id!r}")
+            member = self._spendable(*found)
         basket: Basket = dataclasses.replace(request.to_basket(), at=at)
         priced = price(basket, member, self.ruleset, at)
         if priced.unpaid_fen:
@@ -244,29 +256,36 @@ class LaneService:
                 ],
                 what="sale",
             )
-        result = to_wire(priced)
-        points_spent = sum(t.points or 0 for t in priced.tenders if t.kind == "points")
-        rebate_spent = sum(t.amount_fen for t in priced.tenders if t.kind == "rebate")
-        response = {"sale_id": request.sale_id, "status": "committed", **result}
-        entry = self._entry(
-            "sale",
-            sale_id=request.sale_id,
-            request=body,
-            member=None if member is None else _member_doc(member),
-            result=result,
+        result = _dumps(to_wire(priced))
+        head = self._entry(
+            "sale", sale_id=request.sale_id, request=body, member=None if member is None else _member_doc(member)
         )
-        return await self.store.commit_sale(
+        entry = _dumps(head)[:-1] + ',"result":' + result + "}"
+        envelope = {"sale_id": request.sale_id, "status": "committed"}
+        _, replayed = await self.store.commit_sale(
             request.sale_id,
             digest,
             entry,
-            response,
+            envelope,
             at=at,
             rules_version=self.ruleset.version,
             member_id=None if member is None else member.member_id,
-            points_spent=points_spent,
-            rebate_spent_fen=rebate_spent,
+            points_spent=sum(t.points or 0 for t in priced.tenders if t.kind == "points"),
+            rebate_spent_fen=sum(t.amount_fen for t in priced.tenders if t.kind == "rebate"),
             lines=_sold_lines(priced),
         )
+        if replayed:  # the same request committed by a concurrent call since sale_context looked
+            again = await self.store.find_sale(request.sale_id)
+            assert again is not None
+            return self._replay(again, digest), True
+        return _answer(envelope, result), False
+
+    def _replay(self, stored: SaleRecord, digest: str) -> str:
+        if stored.request_digest != digest:
+            raise SaleConflictError(
+                f"sale {stored.sale_id!r} was already committed with a different request", key=stored.sale_id
+            )
+        return _answer(stored.response, _dumps(stored.entry["result"]))
 
     def _entry(self, kind: str, **body: Any) -> dict[str, Any]:
         """A journal body: what head office receives (and re-prices, for sales)."""
@@ -365,7 +384,7 @@ class LaneService:
                 f"only a sale of today can be voided (this one is of {sold_day.isoformat()}): make a return",
                 "void",
             )
-        totals = sale.response.get("totals", {})
+        totals = sale.entry.get("result", {}).get("totals", {})
         response = {
             "sale_id": sale_id,
             "status": "voided",
@@ -433,6 +452,15 @@ def _free_bytes(path: os.PathLike[str] | str) -> int | None:
 
 def _unknown_sale(sale_id: str) -> UnknownSaleError:
     return UnknownSaleError(f"no sale {sale_id!r} on this lane", sale_id=sale_id)
+
+
+def _dumps(document: Any) -> str:
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _answer(envelope: Mapping[str, Any], result: str) -> str:
+    """A sale's answer: its envelope (sale_id, status) then the priced result's keys, as JSON text."""
+    return _dumps(dict(envelope))[:-1] + "," + result[1:]
 
 
 def _sold_lines(priced: PricedBasket) -> list[SoldLine]:

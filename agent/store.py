@@ -100,6 +100,11 @@ def _dumps(document: Any) -> str:
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+def _text(document: Mapping[str, Any] | str) -> str:
+    """A document as stored: JSON text given by the caller (encoded once, for a large sale) or encoded here."""
+    return document if isinstance(document, str) else _dumps(dict(document))
+
+
 def _iso_at(at: dt.datetime) -> str:
     if at.utcoffset() is None:
         raise ValueError("'at' needs a UTC offset")
@@ -218,6 +223,8 @@ class LaneStore:
         self._import_lock = asyncio.Lock()
         self._default_max_pages = 0
         self._closed = False
+        self._busy_timeout_ms = 5000
+        self._checkpointer: aiosqlite.Connection | None = None
 
     @classmethod
     async def open(
@@ -227,11 +234,18 @@ class LaneStore:
         *,
         busy_timeout_ms: int = 5000,
         max_db_bytes: int | None = None,
+        background_checkpoints: bool = False,
     ) -> LaneStore:
         """Open (creating if needed) and migrate the database at ``path``.
 
         Checks the file with ``PRAGMA quick_check`` first: a damaged file raises
         StoreCorruptError naming it, and is left exactly as found.
+
+        ``background_checkpoints``: the caller runs ``checkpoint()`` now and
+        then (the daemon does, every second), and commits never do.  SQLite's
+        automatic checkpoint otherwise runs inside whichever commit crosses
+        1,000 WAL pages, which made every 40th or so sale several times
+        slower than the rest.
         """
         path = Path(path)
         if len(card_key) < MIN_KEY_BYTES:
@@ -245,10 +259,13 @@ class LaneStore:
         except sqlite3.Error as exc:
             raise _translate(exc, path, "open") from exc
         store = cls(db, path, card_key)
+        store._busy_timeout_ms = busy_timeout_ms
         try:
             store._default_max_pages = await store._run(lambda conn: _prepare(conn, path, busy_timeout_ms), "open")
             if max_db_bytes is not None:
                 await store.set_size_limit(max_db_bytes)
+            if background_checkpoints:
+                await store._run(lambda conn: conn.execute("PRAGMA wal_autocheckpoint = 0"), "open")
         except BaseException:
             await db.close()
             raise
@@ -260,11 +277,33 @@ class LaneStore:
             return
         self._closed = True
         try:
+            if self._checkpointer is not None:
+                await self._checkpointer.close()
             await self._run(lambda conn: conn.execute("PRAGMA optimize"), "optimize")
-        except StoreError as exc:
-            log.warning("PRAGMA optimize on close failed: %s", exc)
+        except (StoreError, sqlite3.Error) as exc:
+            log.warning("closing the store: %s", exc)
         finally:
             await self._db.close()
+
+    async def checkpoint(self) -> tuple[int, int]:
+        """Copy committed WAL pages into the database file: ``(wal_pages, checkpointed_pages)``.
+
+        PASSIVE, on a connection (and thread) of its own: it never waits for,
+        nor blocks, a sale being committed meanwhile; what it cannot copy yet
+        it copies next time.
+        """
+        if self._closed:
+            raise StoreError(f"{self.path}: the store is closed", path=str(self.path))
+        try:
+            if self._checkpointer is None:
+                self._checkpointer = await aiosqlite.connect(
+                    str(self.path), isolation_level=None, timeout=self._busy_timeout_ms / 1000
+                )
+            async with self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)") as cursor:
+                row = await cursor.fetchone()
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path, "checkpoint") from exc
+        return (0, 0) if row is None else (int(row[1]), int(row[2]))
 
     async def __aenter__(self) -> Self:
         return self
@@ -466,8 +505,8 @@ class LaneStore:
         self,
         sale_id: str,
         request_digest: str,
-        entry: Mapping[str, Any],
-        response: Mapping[str, Any],
+        entry: Mapping[str, Any] | str,
+        response: Mapping[str, Any] | str,
         *,
         at: dt.datetime,
         rules_version: str,
@@ -480,7 +519,9 @@ class LaneStore:
         """Journal a sale durably; returns ``(response, replayed)``.
 
         ``entry`` is the journal body head office receives; ``response`` what
-        the POS gets, now and on every retry.  ``lines`` (what each line sold,
+        the POS gets on every retry (the caller may keep it small and rebuild
+        the rest from the entry, see ``find_sale``).  Either may be given as
+        JSON text already encoded, stored as it is.  ``lines`` (what each line sold,
         net and earned) let returns be checked against the sale in the same
         transaction.  ``points_spent``/``rebate_spent_fen`` are the member's
         own spend, counted by ``unsynced_spend`` until head office acknowledges
@@ -493,7 +534,7 @@ class LaneStore:
             raise ValueError("a points or rebate spend needs the member_id")
         if len({line.line_id for line in lines}) != len(lines):
             raise ValueError("sold line ids must be unique")
-        body, stored = _dumps(dict(entry)), _dumps(dict(response))
+        body, stored = _text(entry), _text(response)
         at_text = _iso_at(at)
         line_rows = [
             (sale_id, line.line_id, position, line.qty, line.net_fen, line.points)
@@ -522,30 +563,28 @@ class LaneStore:
 
     async def find_sale(self, sale_id: str) -> SaleRecord | None:
         """A committed sale by the POS's id, or None."""
+        return await self._run(lambda conn: _find_sale(conn, sale_id), "sale lookup")
 
-        def find(conn: sqlite3.Connection) -> SaleRecord | None:
-            row = conn.execute(_FIND_SALE, (sale_id,)).fetchone()
+    async def sale_context(
+        self, sale_id: str, member_id: str | None
+    ) -> tuple[SaleRecord | None, tuple[Member, tuple[int, int]] | None]:
+        """What a new sale needs, in one thread hop: the sale if its id is taken, and the member with its spend.
+
+        The member is looked up only when the id is free (a retry is answered
+        from the journal and needs no member).
+        """
+
+        def read(conn: sqlite3.Connection) -> tuple[SaleRecord | None, tuple[Member, tuple[int, int]] | None]:
+            sale = _find_sale(conn, sale_id)
+            if sale is not None or member_id is None:
+                return sale, None
+            row = conn.execute(_GET_MEMBER, (member_id,)).fetchone()
             if row is None:
-                return None
-            lines = conn.execute(
-                "SELECT line_id, qty, net_fen, points FROM sale_lines WHERE sale_id = ? ORDER BY position", (sale_id,)
-            ).fetchall()
-            return SaleRecord(
-                sale_id=sale_id,
-                seq=row[0],
-                journal_id=row[1],
-                at=row[2],
-                entry=json.loads(row[3]),
-                request_digest=row[4],
-                response=json.loads(row[5]),
-                member_id=row[6],
-                points_spent=row[7],
-                rebate_spent_fen=row[8],
-                void_seq=row[9],
-                lines=tuple(SoldLine(*line) for line in lines),
-            )
+                return None, None
+            spend = conn.execute(_UNSYNCED_SPEND, (member_id,)).fetchone()
+            return None, (_member(row[1:], card_kind=row[0]), (int(spend[0]), int(spend[1])))
 
-        return await self._run(find, "sale lookup")
+        return await self._run(read, "sale lookup")
 
     async def commit_return(
         self,
@@ -796,6 +835,29 @@ _UNSYNCED_SPEND = (
     "SELECT COALESCE(SUM(o.points), 0), COALESCE(SUM(o.rebate_fen), 0) FROM own_spend AS o, lane_state AS s"
     " WHERE o.member_id = ? AND o.seq > s.acked_seq AND o.origin_seq > s.acked_seq"
 )
+
+
+def _find_sale(conn: sqlite3.Connection, sale_id: str) -> SaleRecord | None:
+    row = conn.execute(_FIND_SALE, (sale_id,)).fetchone()
+    if row is None:
+        return None
+    lines = conn.execute(
+        "SELECT line_id, qty, net_fen, points FROM sale_lines WHERE sale_id = ? ORDER BY position", (sale_id,)
+    ).fetchall()
+    return SaleRecord(
+        sale_id=sale_id,
+        seq=row[0],
+        journal_id=row[1],
+        at=row[2],
+        entry=json.loads(row[3]),
+        request_digest=row[4],
+        response=json.loads(row[5]),
+        member_id=row[6],
+        points_spent=row[7],
+        rebate_spent_fen=row[8],
+        void_seq=row[9],
+        lines=tuple(SoldLine(*line) for line in lines),
+    )
 
 
 def _member(row: Sequence[Any], *, card_kind: str) -> Member:

@@ -1,21 +1,23 @@
 """The lane half of `make demo`: a real lane agent answering a simulated till over its POS API.
 
-Writes a lane configuration, a ruleset and a member snapshot into a temporary
-directory, imports the members with `lane-agent members import`, starts
-`lane-agent run` and plays a till: cards swiped (one good, one lost, one
-issued today), a basket priced, the sale committed and retried (the retry is
-answered from the journal), part of it returned, a second sale voided.  The
+Writes a lane configuration (with a simulated card reader), a ruleset and a
+member snapshot into a temporary directory, imports the members with
+`lane-agent members import`, starts `lane-agent run` and plays a till: the
+reader swipes a good card, a lost one and half a card, taps a card issued
+today and scans a coupon, and the POS hears each on `GET /v1/events`; then a
+basket is priced, the sale committed and retried (the retry is answered from
+the journal), part of it returned, a second sale voided.  The
 agent stays up for DURATION seconds afterwards (default 0: stop at once;
 DURATION=-1 or any negative keeps it until Ctrl-C) so its /docs page can be
 opened.
 
-Card readers and MQTT sync arrive with later issues; until then the till is
-this script.
+MQTT sync to head office arrives with a later issue.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import secrets
 import shutil
@@ -24,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -70,20 +73,67 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
+def _swipe(number: str) -> str:
+    pan = number.replace(" ", "")
+    return f"%B{pan}^MEMBER/DEMO^2712101?;{pan}=2712101?"
+
+
+# The simulated reader's script: what a cashier does with the cards in the first seconds.
+DEVICES = f"""
+[[devices]]
+name = "reader"
+type = "simulated"
+steps = [
+  {{ after_s = 2.5, swipe = "{_swipe(CARDS["gold"])}" }},
+  {{ after_s = 0.3, swipe = "{_swipe(CARDS["lost"])}" }},
+  {{ after_s = 0.3, swipe = "{_swipe(CARDS["gold"])[:20]}" }},
+  {{ after_s = 0.3, tap = "{CARDS["new"]}" }},
+  {{ after_s = 0.3, scan = "CPN20261201" }},
+]
+"""
+
+
+def _listen(http: httpx.Client, heard: list[tuple[str, dict[str, Any]]], wanted: int) -> None:
+    """The POS's side of GET /v1/events: what the simulated reader's swipes and taps became."""
+    with http.stream("GET", "/v1/events", timeout=15) as stream:
+        kind = ""
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                kind = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and kind != "device.changed":
+                heard.append((kind, json.loads(line.split(":", 1)[1])))
+                if len(heard) >= wanted:
+                    return
+
+
+def _show(kind: str, data: dict[str, Any]) -> None:
+    if kind == "member.identified":
+        member = data["member"]
+        _say(
+            f"  {data['source']:<9} {kind}: {member['member_id']} {member['tier_label']['en']}, "
+            f"{member['points_available']} points, rebate {member['rebate_available']} available"
+        )
+    elif kind == "card.rejected":
+        detail = f" ({data['detail']})" if data.get("detail") else ""
+        _say(
+            f"  {data['source']:<9} {kind}: REFUSED [{data['reason']}]{detail} "
+            f"{data['message']['zh-CN']} / {data['message']['en']}"
+        )
+    else:
+        _say(f"  {'barcode':<9} {kind}: {data.get('code')}")
+
+
+def _reader(http: httpx.Client) -> None:
+    heard: list[tuple[str, dict[str, Any]]] = []
+    listener = threading.Thread(target=_listen, args=(http, heard, 5), daemon=True)
+    listener.start()
+    listener.join(12)
+    _say("  the POS hears on GET /v1/events:")
+    for kind, data in heard:
+        _show(kind, data)
+
+
 def _till(http: httpx.Client) -> None:
-    for name, number in CARDS.items():
-        answer = http.post("/v1/identify", json={"code": number}).json()
-        if answer["result"] == "identified":
-            member = answer["member"]
-            _say(
-                f"  swipe {name:<5} card: {member['member_id']} {member['tier_label']['en']}, "
-                f"{member['points_available']} points, rebate {member['rebate_available']} available"
-            )
-        else:
-            _say(
-                f"  swipe {name:<5} card: REFUSED [{answer['reason']}] "
-                f"{answer['message']['zh-CN']} / {answer['message']['en']}"
-            )
     basket: dict[str, Any] = {
         "member_id": "M000888",
         "lines": [
@@ -163,7 +213,7 @@ def main() -> int:
         f'[lane]\nstore = "demo-store"\nlane = "lane-01"\n\n'
         f'[api]\nport = {port}\ntoken = "{token}"\n\n'
         f'[store]\npath = "{work / "lane.db"}"\ncard_hash_key = "hex:{key.hex()}"\n\n'
-        f'[rules]\npath = "{rules}"\n\n[logging]\nlevel = "WARNING"\n',
+        f'[rules]\npath = "{rules}"\n\n[logging]\nlevel = "WARNING"\n' + DEVICES,
         encoding="utf-8",
     )
     snapshot = work / "members.jsonl"
@@ -188,6 +238,7 @@ def main() -> int:
                         _say("the lane agent did not start")
                         return 1
                     time.sleep(0.1)
+            _reader(http)
             _till(http)
             metrics = http.get("/metrics").text
             answered = sum(

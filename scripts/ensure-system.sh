@@ -11,6 +11,18 @@ fi
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 # The POS API docs' curl examples are run by the tests.
 command -v curl >/dev/null 2>&1 || missing+=(curl ca-certificates)
+# IC card readers: pcscd, and the vpcd virtual reader the IC tests insert their emulated cards into.
+[ -x /usr/sbin/pcscd ] || missing+=(pcscd)
+[ -e /etc/reader.conf.d/vpcd ] || missing+=(vsmartcard-vpcd)
+# pyscard has no Linux wheel: it compiles against the PC/SC headers and the Python headers.
+[ -e /usr/include/PCSC/winscard.h ] || missing+=(libpcsclite-dev)
+command -v gcc >/dev/null 2>&1 || missing+=(gcc)
+[ -e /usr/include/stdio.h ] || missing+=(libc6-dev)
+# python-evdev compiles against the kernel's input headers.
+[ -e /usr/include/linux/input.h ] || missing+=(linux-libc-dev)
+if ! python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' >/dev/null 2>&1; then
+    missing+=(python3-dev)
+fi
 
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0

@@ -10,16 +10,18 @@ as NOTIFY_SOCKET, and waits for READY=1, as systemd would.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 from conftest import REPO_ROOT
@@ -261,3 +263,58 @@ def basket(**changes: Any) -> dict[str, Any]:
     }
     doc.update(changes)
     return doc
+
+
+class EventListener:
+    """``GET /v1/events`` read on a thread: ``wait_for(kind)`` returns the next such event's data."""
+
+    def __init__(self, lane: Lane) -> None:
+        self.lane = lane
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self._cond = threading.Condition()
+        self._opened = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._taken = 0
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        assert self._opened.wait(10), "the event stream did not open"
+        with self.lane.client() as http:
+            for _ in range(100):  # registered as a subscriber once the server runs the stream
+                if http.get("/v1/status").json()["events"]["subscribers"] >= 1:
+                    break
+                time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+
+    def _listen(self) -> None:
+        with self.lane.client(timeout=60) as http, http.stream("GET", "/v1/events") as stream:
+            self._opened.set()
+            kind = ""
+            for line in stream.iter_lines():
+                if self._stop:
+                    return
+                if line.startswith("event:"):
+                    kind = line.split(":", 1)[1].strip()
+                elif line.startswith("data:"):
+                    with self._cond:
+                        self.events.append((kind, json.loads(line.split(":", 1)[1])))
+                        self._cond.notify_all()
+
+    def next(self, *kinds: str, timeout: float = 10.0) -> tuple[str, dict[str, Any]]:
+        """The next event (of one of ``kinds``, skipping others) after the last one returned."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                while self._taken < len(self.events):
+                    kind, data = self.events[self._taken]
+                    self._taken += 1
+                    if not kinds or kind in kinds:
+                        return kind, data
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no {kinds or 'event'} within {timeout} s; got {self.events}")
+                self._cond.wait(left)

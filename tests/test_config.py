@@ -40,6 +40,7 @@ from agent.config import (
 )
 from agent.config_cli import to_toml as render_toml
 from agent.errors import ConfigError, InputError, Issue
+from drivers.registry import DRIVERS
 
 EXAMPLE = REPO_ROOT / "config" / "lane.example.toml"
 DOCS = REPO_ROOT / "docs" / "configuration.md"
@@ -121,7 +122,7 @@ def test_the_example_file_loads() -> None:
 def test_the_example_file_sets_every_key_or_shows_it_commented() -> None:
     text = EXAMPLE.read_text(encoding="utf-8")
     raw = tomllib.loads(text)
-    assert set(raw) == set(SECTIONS), "every section appears in the example"
+    assert set(raw) == {*SECTIONS, "devices"}, "every section appears in the example"
     for name, model in SECTIONS.items():
         for key in file_keys(model):
             written = key in raw[name]
@@ -628,10 +629,60 @@ def test_is_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
 
 
+def _given(value: Any) -> Any:
+    """A redacted document without its unset (None) keys, as TOML cannot say null."""
+    if isinstance(value, dict):
+        return {k: _given(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_given(v) for v in value]
+    return value
+
+
 def test_rendered_toml_reads_back_as_the_redacted_config() -> None:
     data = redacted(load_config(EXAMPLE))
+    assert data["devices"], "the example shows devices"
     back = tomllib.loads(render_toml(data))
-    assert back == {s: {k: v for k, v in keys.items() if v is not None} for s, keys in data.items()}
+    assert back == _given(data)
+
+
+def test_devices_are_validated_by_their_driver_with_every_problem_reported() -> None:
+    text = (
+        to_toml(base())
+        + """
+[[devices]]
+name = "msr"
+type = "evdev_wedge"
+
+[[devices]]
+name = "msr"
+type = "simulated"
+steps = [{ after_s = 1.0 }]
+
+[[devices]]
+name = "ghost"
+type = "teleporter"
+"""
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, environ={})
+    fields = {issue.field: issue.code for issue in caught.value.issues}
+    assert fields.keys() >= {"devices[0]", "devices[1].steps.0", "devices[2].type"}
+    assert fields["devices[2].type"] == "unknown_driver"
+
+
+def test_device_names_are_unique() -> None:
+    device = '\n[[devices]]\nname = "demo"\ntype = "simulated"\nsteps = [{ tap = "6200123456780001" }]\n'
+    with pytest.raises(ConfigError) as caught:
+        parse_config(to_toml(base()) + device + device, environ={})
+    assert [(i.field, i.code) for i in caught.value.issues] == [("devices[1].name", "duplicate")]
+
+
+def test_the_hardware_docs_describe_every_driver_key() -> None:
+    text = (REPO_ROOT / "docs" / "hardware.md").read_text(encoding="utf-8")
+    for kind, driver in DRIVERS.items():
+        assert f"`{kind}`" in text, kind
+        for key in file_keys(driver.config):
+            assert f"`{key}`" in text, f"{kind}.{key} is not in docs/hardware.md"
 
 
 # --- the command --------------------------------------------------------------------------------

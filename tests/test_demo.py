@@ -50,8 +50,11 @@ def test_demo_runs_a_lane_agent_and_plays_a_till() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
-    assert "REFUSED [lost]" in out
-    assert "REFUSED [not_yet_valid]" in out
+    assert "magstripe member.identified: M000888" in out
+    assert "magstripe card.rejected: REFUSED [lost]" in out
+    assert "magstripe card.rejected: REFUSED [unreadable]" in out
+    assert "ic        card.rejected: REFUSED [not_yet_valid]" in out
+    assert "coupon.scanned: CPN20261201" in out
     assert "Idempotent-Replay: true" in out
     assert "other body: sale_conflict" in out
     assert "journal: last seq 4" in out  # sale, return, guest sale, void: the retry wrote nothing

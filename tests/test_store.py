@@ -873,6 +873,42 @@ def test_lookups_for_a_sale_read_the_member_and_its_unsynced_spend_together(tmp_
     with_store(tmp_path / "lane.db", body)
 
 
+def test_sale_context_reads_the_taken_sale_or_the_member(tmp_path: Path) -> None:
+    async def body(store: LaneStore) -> None:
+        await _import_v1(store, tmp_path)
+        assert await store.sale_context("S", None) == (None, None)
+        free, member = await store.sale_context("S", "M000123")
+        assert free is None
+        assert member == await store.member_for_sale("M000123")
+        assert await store.sale_context("S", "nobody") == (None, None)
+        await sale(store, "S", member_id="M000123", points=5)
+        taken, member = await store.sale_context("S", "M000123")
+        assert taken == await store.find_sale("S")
+        assert member is None  # a retry needs no member
+
+    with_store(tmp_path / "lane.db", body)
+
+
+def test_background_checkpoints_leave_commits_alone_until_asked(tmp_path: Path) -> None:
+    db = tmp_path / "lane.db"
+
+    async def body() -> None:
+        async with await LaneStore.open(db, KEY, background_checkpoints=True) as store:
+            for i in range(300):  # well past SQLite's 1,000-page automatic checkpoint
+                await sale(store, f"S{i}", lines=LINES)
+            wal = db.with_name("lane.db-wal")
+            pages_before, _ = await store.checkpoint()
+            assert pages_before > 1000, "commits checkpointed on their own"
+            assert wal.stat().st_size > 1000 * 4096
+            pages, done = await store.checkpoint()
+            assert done == pages  # nothing else reads: everything copied
+            assert (await store.status()).last_seq == 300
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM sales").fetchone()[0] == 300
+
+    asyncio.run(body())
+
+
 def test_find_return_gives_the_committed_return(tmp_path: Path) -> None:
     async def body(store: LaneStore) -> None:
         await sale(store, "A", lines=LINES)
