@@ -279,3 +279,36 @@ def test_the_watchdog_is_fed_while_the_store_answers(tmp_path: Path) -> None:
         assert pings >= 3
     finally:
         assert lane.stop(signal.SIGINT) == 0
+
+
+def test_the_offline_floors_keep_part_of_every_balance_back(tmp_path: Path) -> None:
+    lane = Lane(tmp_path / "lane", extra_config='\n[offline]\nrebate_floor = "5.00"\npoints_floor = 100\n')
+    lane.import_members()
+    lane.start()
+    try:
+        with lane.client() as http:
+            member = http.post("/v1/identify", json={"code": "M000123", "kind": "member_id"}).json()["member"]
+            assert (member["rebate_balance"], member["rebate_available"]) == ("35.20", "30.20")
+            assert (member["points_balance"], member["points_available"]) == (12000, 11900)
+            doc = basket(member_id="M000123", sale_id="floor-1")
+            net = int(http.post("/v1/price", json=basket(member_id="M000123")).json()["totals"]["net"].replace(".", ""))
+            over = {
+                **doc,
+                "tenders": [
+                    {"kind": "rebate", "amount": "30.21"},
+                    {"kind": "cash", "amount": f"{(net - 3021) / 100:.2f}"},
+                ],
+            }
+            answer = http.post("/v1/sales", json=over)
+            assert answer.status_code == 422
+            assert answer.json()["error"]["code"] == "rebate_insufficient"
+            within = {
+                **doc,
+                "tenders": [
+                    {"kind": "rebate", "amount": "30.20"},
+                    {"kind": "cash", "amount": f"{(net - 3020) / 100:.2f}"},
+                ],
+            }
+            assert http.post("/v1/sales", json=within).status_code == 200
+    finally:
+        assert lane.stop() == 0
