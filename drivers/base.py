@@ -18,6 +18,7 @@ not leak one.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -107,6 +108,30 @@ class Driver(Protocol):
     def events(self) -> AsyncIterator[DriverEvent]:
         """Events until the driver is closed; device trouble is reported as DeviceChanged, never raised."""
         ...
+
+
+class EventLoopDriver:
+    """Base of drivers that run on the event loop itself (no thread): closing, and waiting that a close ends."""
+
+    def __init__(self) -> None:
+        self._closed = asyncio.Event()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._closed.set()
+
+    async def closing_within(self, seconds: float) -> bool:
+        """Wait ``seconds``, or less if the driver is closed meanwhile; True if it was."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self._closed.wait()
+        except TimeoutError:
+            return False
+        return True
 
 
 @dataclass

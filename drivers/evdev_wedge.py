@@ -28,12 +28,11 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from drivers.base import Backoff, DeviceChanged, DriverEvent, Unreadable
+from drivers.base import Backoff, DeviceChanged, DriverEvent, EventLoopDriver, Unreadable
 from drivers.keymap import KEYMAPS, keymap
 from drivers.keystrokes import Keyed, KeystrokeAssembler
 from drivers.reads import ReadDecoder, ReadSettings
@@ -158,7 +157,7 @@ def _read_records(fd: int) -> tuple[tuple[int, int, int, int, int], ...]:
     return tuple(reader.device_read_many(fd))
 
 
-class EvdevWedgeDriver:
+class EvdevWedgeDriver(EventLoopDriver):
     """The driver of one keyboard-wedge device; see the module docstring."""
 
     def __init__(
@@ -169,6 +168,7 @@ class EvdevWedgeDriver:
         clock: Callable[[], float] = time.time,
         backoff: Backoff | None = None,
     ) -> None:
+        super().__init__()
         self.name = config.name
         self.config = config
         self._opener = opener
@@ -176,15 +176,6 @@ class EvdevWedgeDriver:
         self._backoff = backoff or Backoff(initial=0.5, cap=config.retry_max_s)
         self._keymap = keymap(config.keymap)
         self._decoder = ReadDecoder(config)
-        self._closed = asyncio.Event()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._closed.set()
 
     async def events(self) -> AsyncIterator[DriverEvent]:
         """Reads as events, for as long as the driver is open; device trouble becomes DeviceChanged."""
@@ -197,7 +188,7 @@ class EvdevWedgeDriver:
                 if reported != detail:
                     reported = detail
                     yield DeviceChanged(self.name, "disconnected", detail)
-                await self._pause(self._backoff.next_delay())
+                await self.closing_within(self._backoff.next_delay())
                 continue
             reported = None
             self._backoff.reset()
@@ -211,13 +202,6 @@ class EvdevWedgeDriver:
             if not self._closed.is_set():
                 reported = "the device went away"
                 yield DeviceChanged(self.name, "disconnected", reported)
-
-    async def _pause(self, seconds: float) -> None:
-        try:
-            async with asyncio.timeout(seconds):
-                await self._closed.wait()
-        except TimeoutError:
-            pass
 
     async def _read(self, handle: Handle) -> AsyncIterator[DriverEvent]:
         loop = asyncio.get_running_loop()

@@ -20,15 +20,13 @@ file.  ``unplug`` / ``plug`` steps exercise the POS's handling of
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
-from types import TracebackType
-from typing import Literal, Self
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from drivers.base import CardRead, CardRemoved, DeviceChanged, DriverEvent
+from drivers.base import CardRead, CardRemoved, DeviceChanged, DriverEvent, EventLoopDriver
 from drivers.reads import ReadDecoder, ReadSettings
 
 
@@ -63,41 +61,24 @@ class SimulatedConfig(ReadSettings):
     repeat: bool = Field(default=False, description="start the script again at its end (for a demo that runs on)")
 
 
-class SimulatedDriver:
+class SimulatedDriver(EventLoopDriver):
     """Plays its script, then ends (or repeats it)."""
 
     def __init__(self, config: SimulatedConfig) -> None:
+        super().__init__()
         self.name = config.name
         self.config = config
         self._decoder = ReadDecoder(config)
-        self._closed = asyncio.Event()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._closed.set()
 
     async def events(self) -> AsyncIterator[DriverEvent]:
         yield DeviceChanged(self.name, "connected", "simulated device")
         while not self._closed.is_set():
             for step in self.config.steps:
-                if await self._closing_within(step.after_s):
+                if await self.closing_within(step.after_s):
                     return
                 yield self._event(step)
             if not self.config.repeat:
                 return
-
-    async def _closing_within(self, seconds: float) -> bool:
-        """Wait ``seconds``; True if the driver was closed meanwhile."""
-        try:
-            async with asyncio.timeout(seconds):
-                await self._closed.wait()
-        except TimeoutError:
-            return False
-        return True
 
     def _event(self, step: Step) -> DriverEvent:
         if step.swipe is not None:

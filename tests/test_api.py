@@ -323,99 +323,49 @@ def sell(client: httpx.Client, sale_id: str, **changes: Any) -> dict[str, Any]:
     return dict(answer.json())
 
 
+def give_back(
+    client: httpx.Client, return_id: str, sale_id: str, line_id: str, qty: str, member_id: str | None = None
+) -> httpx.Response:
+    """POST /v1/returns of one line."""
+    doc: dict[str, Any] = {"return_id": return_id, "sale_id": sale_id, "lines": [{"line_id": line_id, "qty": qty}]}
+    if member_id is not None:
+        doc["member_id"] = member_id
+    return client.post("/v1/returns", json=doc)
+
+
 def test_returns_refund_the_allocated_net_and_never_more_than_was_sold(client: httpx.Client) -> None:
     sale = sell(client, "sale-ret-1", member_id="M000124")
     line = sale["lines"][1]  # 0.356 kg
-    first = client.post(
-        "/v1/returns",
-        json={
-            "return_id": "ret-1a",
-            "sale_id": "sale-ret-1",
-            "member_id": "M000124",
-            "lines": [{"line_id": "2", "qty": "0.200"}],
-        },
-    )
+    first = give_back(client, "ret-1a", "sale-ret-1", "2", "0.200", "M000124")
     assert first.status_code == 200, first.text
-    rest = client.post(
-        "/v1/returns",
-        json={
-            "return_id": "ret-1b",
-            "sale_id": "sale-ret-1",
-            "member_id": "M000124",
-            "lines": [{"line_id": "2", "qty": "0.156"}],
-        },
-    )
+    rest = give_back(client, "ret-1b", "sale-ret-1", "2", "0.156", "M000124")
     assert rest.status_code == 200, rest.text
     refunded = [first.json()["lines"][0], rest.json()["lines"][0]]
     # Partial returns add up exactly to what the line cost and earned.
     assert sum(int(r["refund"].replace(".", "")) for r in refunded) == int(line["net"].replace(".", ""))
     assert sum(r["points_reversed"] for r in refunded) == line["points"]
-    over = client.post(
-        "/v1/returns",
-        json={
-            "return_id": "ret-1c",
-            "sale_id": "sale-ret-1",
-            "member_id": "M000124",
-            "lines": [{"line_id": "2", "qty": "0.001"}],
-        },
-    )
+    over = give_back(client, "ret-1c", "sale-ret-1", "2", "0.001", "M000124")
     assert over.status_code == 422
     assert error_of(over)["code"] == "over_return"
-    unknown_line = client.post(
-        "/v1/returns",
-        json={
-            "return_id": "ret-1d",
-            "sale_id": "sale-ret-1",
-            "member_id": "M000124",
-            "lines": [{"line_id": "9", "qty": "1"}],
-        },
-    )
+    unknown_line = give_back(client, "ret-1d", "sale-ret-1", "9", "1", "M000124")
     assert error_of(unknown_line)["code"] == "unknown_line"
     # A retry of a return replays it; the same return id for other lines is a conflict.
-    replay = client.post(
-        "/v1/returns",
-        json={
-            "return_id": "ret-1a",
-            "sale_id": "sale-ret-1",
-            "member_id": "M000124",
-            "lines": [{"line_id": "2", "qty": "0.200"}],
-        },
-    )
+    replay = give_back(client, "ret-1a", "sale-ret-1", "2", "0.200", "M000124")
     assert (replay.status_code, replay.json()) == (200, first.json())
-    conflict = client.post(
-        "/v1/returns",
-        json={
-            "return_id": "ret-1a",
-            "sale_id": "sale-ret-1",
-            "member_id": "M000124",
-            "lines": [{"line_id": "1", "qty": "1"}],
-        },
-    )
+    conflict = give_back(client, "ret-1a", "sale-ret-1", "1", "1", "M000124")
     assert conflict.status_code == 409
     assert error_of(conflict)["code"] == "sale_conflict"
 
 
 def test_returns_of_unknown_sales_and_without_the_members_card(client: httpx.Client) -> None:
-    answer = client.post(
-        "/v1/returns", json={"return_id": "ret-x", "sale_id": "nope", "lines": [{"line_id": "1", "qty": "1"}]}
-    )
+    answer = give_back(client, "ret-x", "nope", "1", "1")
     assert answer.status_code == 404
     assert error_of(answer) | {"message": ""} == {"code": "unknown_sale", "field": "sale_id", "message": ""}
     sell(client, "sale-ret-2", member_id="M000124")
-    no_card = client.post(
-        "/v1/returns", json={"return_id": "ret-2", "sale_id": "sale-ret-2", "lines": [{"line_id": "1", "qty": "1"}]}
-    )
+    no_card = give_back(client, "ret-2", "sale-ret-2", "1", "1")
     assert no_card.status_code == 422
     assert error_of(no_card)["code"] == "member_card_required"
-    other = client.post(
-        "/v1/returns",
-        json={
-            "return_id": "ret-2",
-            "sale_id": "sale-ret-2",
-            "member_id": "M000123",
-            "lines": [{"line_id": "1", "qty": "1"}],
-        },
-    )
+    other = give_back(client, "ret-2", "sale-ret-2", "1", "1", "M000123")
     assert error_of(other)["code"] == "member_mismatch"
 
 
@@ -423,9 +373,7 @@ def test_returns_outside_the_window_are_refused(client: httpx.Client) -> None:
     # A sale posted late by the POS (its own offline queue): rung up 20 days ago.
     old = (dt.datetime.now(SHANGHAI) - dt.timedelta(days=20)).isoformat()
     sell(client, "sale-old", at=old)
-    answer = client.post(
-        "/v1/returns", json={"return_id": "ret-old", "sale_id": "sale-old", "lines": [{"line_id": "1", "qty": "1"}]}
-    )
+    answer = give_back(client, "ret-old", "sale-old", "1", "1")
     assert answer.status_code == 422
     error = error_of(answer)
     assert error["code"] == "return_window"
@@ -449,15 +397,7 @@ def test_void_undoes_a_sale_of_today_once(client: httpx.Client, lane: Lane) -> N
     other = client.post("/v1/sales/sale-void-1/void", json={"reason": "another reason"})
     assert other.status_code == 409
     assert error_of(other)["code"] == "sale_voided"
-    back = client.post(
-        "/v1/returns",
-        json={
-            "return_id": "ret-void",
-            "sale_id": "sale-void-1",
-            "member_id": "M000124",
-            "lines": [{"line_id": "1", "qty": "1"}],
-        },
-    )
+    back = give_back(client, "ret-void", "sale-void-1", "1", "1", "M000124")
     assert back.status_code == 409
     assert error_of(back)["code"] == "sale_voided"
     assert client.post("/v1/sales/never-sold/void").status_code == 404
