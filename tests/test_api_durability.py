@@ -312,3 +312,26 @@ def test_the_offline_floors_keep_part_of_every_balance_back(tmp_path: Path) -> N
             assert http.post("/v1/sales", json=within).status_code == 200
     finally:
         assert lane.stop() == 0
+
+
+def test_sigterm_ends_open_event_streams_and_exits_promptly(lane: Lane) -> None:
+    lane.start()
+    ended = threading.Event()
+
+    def listen() -> None:
+        with lane.client(timeout=30) as http, http.stream("GET", "/v1/events") as stream:
+            for _ in stream.iter_lines():
+                pass
+        ended.set()
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    with lane.client() as http:
+        for _ in range(100):
+            if http.get("/v1/status").json()["events"]["subscribers"] >= 1:
+                break
+            time.sleep(0.02)
+    started = time.monotonic()
+    assert lane.stop() == 0
+    assert time.monotonic() - started < 5, "an open event stream held the shutdown"
+    assert ended.wait(5), "the event stream was not ended by the shutdown"
