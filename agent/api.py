@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent import __version__
-from agent.basket import BasketIn
+from agent.basket import BasketIn, field_path
 from agent.errors import (
     InputError,
     LaneError,
@@ -47,6 +46,7 @@ from agent.errors import (
 from agent.metrics import Metrics
 from agent.pos_models import IdentifyIn, Key, ReturnIn, SaleIn, VoidIn
 from agent.service import LaneService
+from agent.store import json_text
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +68,13 @@ _ERROR_SCHEMA = {
 _ERRORS: dict[int | str, dict[str, Any]] = dict.fromkeys((400, 401, 404, 409, 413, 415, 422, 503, 507), _ERROR_SCHEMA)
 
 
-def _dumps(document: Any) -> bytes:
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-
 class JSONBody(Response):
     """A JSON answer encoded once with ``json`` (no pydantic round trip on the hot path)."""
 
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
-        return _dumps(content)
+        return json_text(content).encode("utf-8")
 
 
 def error_response(
@@ -228,10 +224,8 @@ def _lane_error(metrics: Metrics, exc: LaneError) -> JSONBody:
 def _validation_error(metrics: Metrics, exc: RequestValidationError) -> JSONBody:
     issues = []
     for error in exc.errors():
-        loc = [part for part in error.get("loc", ()) if part != "body"]
-        path = ""
-        for part in loc:
-            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        # FastAPI puts where the value came from ("body") in front of the model's own location.
+        path = field_path([part for part in error.get("loc", ()) if part != "body"])
         code = str(error.get("type", "invalid"))
         if code == "document_check":
             code = "duplicate"
@@ -405,7 +399,7 @@ async def _sse(service: LaneService, metrics: Metrics) -> AsyncIterator[ServerSe
             if event.kind == "stream.lost":
                 metrics.events_dropped.inc(event.data.get("missed", 0))
             yield ServerSentEvent(
-                data=json.dumps(event.to_wire(), ensure_ascii=False, separators=(",", ":")),
+                data=json_text(event.to_wire()),
                 event=event.kind,
                 id=str(event.id) if event.id else None,
             )

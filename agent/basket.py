@@ -10,6 +10,7 @@ wire contract, the body of the POS API's ``POST /v1/price`` and the files
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -247,15 +248,20 @@ class MemberIn(_Wire):
         )
 
 
+def field_path(loc: Sequence[int | str]) -> str:
+    """A pydantic error location as the field path the project reports: ``lines[3].qty``."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
 def issues_from_validation(exc: ValidationError, source: str = "") -> list[Issue]:
     """Turn pydantic's errors into the project's issues, with readable field paths."""
     issues = []
     for error in exc.errors(include_url=False):
-        path = ""
-        for part in error["loc"]:
-            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
         message = str(error["msg"]).removeprefix("Value error, ")
-        issues.append(Issue(field=path, code=str(error["type"]), message=message, source=source))
+        issues.append(Issue(field=field_path(error["loc"]), code=str(error["type"]), message=message, source=source))
     return issues
 
 

@@ -12,6 +12,7 @@ logged and restarted after a pause: the lane keeps selling without it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
@@ -51,15 +52,7 @@ class DeviceStatus:
     unreadable: int = 0
 
     def to_wire(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "type": self.type,
-            "state": self.state,
-            "detail": self.detail,
-            "since": self.since,
-            "reads": self.reads,
-            "unreadable": self.unreadable,
-        }
+        return dataclasses.asdict(self)
 
 
 class DeviceHub:

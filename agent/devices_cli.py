@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import sys
@@ -47,8 +48,8 @@ def run_devices(args: argparse.Namespace) -> int:
         print(
             json.dumps(
                 {
-                    "inputs": [vars_of(i) for i in inventory.inputs],
-                    "readers": [vars_of(r) for r in inventory.readers],
+                    "inputs": [dataclasses.asdict(i) for i in inventory.inputs],
+                    "readers": [dataclasses.asdict(r) for r in inventory.readers],
                     "notes": inventory.notes,
                 },
                 indent=2,
@@ -75,16 +76,12 @@ def run_devices(args: argparse.Namespace) -> int:
     return 0
 
 
-def vars_of(item: Any) -> dict[str, Any]:
-    return {name: getattr(item, name) for name in item.__slots__}
-
-
 def describe(event: DriverEvent) -> str:
     """One probe line: the event, any card number masked."""
     if isinstance(event, CardRead):
         expiry = f" expiry {event.expiry}" if event.expiry else ""
         return f"card read ({event.source}): {mask(event.number)}{expiry}"
-    fields = ", ".join(f"{k}={getattr(event, k)!r}" for k in event.__slots__ if k != "device")
+    fields = ", ".join(f"{f.name}={getattr(event, f.name)!r}" for f in dataclasses.fields(event) if f.name != "device")
     return f"{type(event).__name__}: {fields}"
 
 

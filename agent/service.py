@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import logging
 import os
 import time
@@ -37,7 +36,7 @@ from agent.pos_models import IdentifyIn, ReturnIn, SaleIn, VoidIn
 from agent.render import to_wire
 from agent.returns import Returned, SoldLine, price_return
 from agent.ruleset import Ruleset
-from agent.store import CardRecord, LaneStore, SaleRecord, request_digest
+from agent.store import CardRecord, LaneStore, SaleRecord, json_text, request_digest
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +150,11 @@ class LaneService:
         self, member: Member, spend: tuple[int, int], card: CardRecord | None, source: Source, today: dt.date
     ) -> Identified:
         available = self._spendable(member, spend)
+        tier = member.tier_on(today)
         summary = {
             "member_id": member.member_id,
-            "tier": member.tier_on(today),
-            "tier_label": self._tier_label(member.tier_on(today)),
+            "tier": tier,
+            "tier_label": self._tier_label(tier),
             "card_kind": member.card_kind,
             "points_balance": member.points_balance,
             "points_available": available.points_balance,
@@ -209,12 +209,12 @@ class LaneService:
         basket = request.to_basket()
         return to_wire(price(basket, member, self.ruleset, basket.at or self.now()))
 
-    def _moment(self, at: dt.datetime | None, *, field: str = "at") -> dt.datetime:
+    def _moment(self, at: dt.datetime | None) -> dt.datetime:
         now = self.now()
         if at is None:
             return now
         if at - now > CLOCK_TOLERANCE:
-            raise _issue(field, "at_in_future", f"{at.isoformat()} is ahead of the lane's clock ({now.isoformat()})")
+            raise _issue("at", "at_in_future", f"{at.isoformat()} is ahead of the lane's clock ({now.isoformat()})")
         return at
 
     async def sale(self, request: SaleIn, body: Any) -> tuple[str, bool]:
@@ -245,22 +245,14 @@ class LaneService:
         basket: Basket = dataclasses.replace(request.to_basket(), at=at)
         priced = price(basket, member, self.ruleset, at)
         if priced.unpaid_fen:
-            raise InputError(
-                [
-                    Issue(
-                        "tenders",
-                        "tenders_short",
-                        f"the tenders pay {format_fen(priced.net_fen - priced.unpaid_fen)} of "
-                        f"{format_fen(priced.net_fen)} due: list every tender taken, cash included",
-                    )
-                ],
-                what="sale",
-            )
-        result = _dumps(to_wire(priced))
+            paid, due = format_fen(priced.net_fen - priced.unpaid_fen), format_fen(priced.net_fen)
+            message = f"the tenders pay {paid} of {due} due: list every tender taken, cash included"
+            raise _issue("tenders", "tenders_short", message, "sale")
+        result = json_text(to_wire(priced))
         head = self._entry(
             "sale", sale_id=request.sale_id, request=body, member=None if member is None else _member_doc(member)
         )
-        entry = _dumps(head)[:-1] + ',"result":' + result + "}"
+        entry = json_text(head)[:-1] + ',"result":' + result + "}"
         envelope = {"sale_id": request.sale_id, "status": "committed"}
         _, replayed = await self.store.commit_sale(
             request.sale_id,
@@ -285,7 +277,7 @@ class LaneService:
             raise SaleConflictError(
                 f"sale {stored.sale_id!r} was already committed with a different request", key=stored.sale_id
             )
-        return _answer(stored.response, _dumps(stored.entry["result"]))
+        return _answer(stored.response, json_text(stored.entry["result"]))
 
     def _entry(self, kind: str, **body: Any) -> dict[str, Any]:
         """A journal body: what head office receives (and re-prices, for sales)."""
@@ -454,13 +446,9 @@ def _unknown_sale(sale_id: str) -> UnknownSaleError:
     return UnknownSaleError(f"no sale {sale_id!r} on this lane", sale_id=sale_id)
 
 
-def _dumps(document: Any) -> str:
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-
-
 def _answer(envelope: Mapping[str, Any], result: str) -> str:
     """A sale's answer: its envelope (sale_id, status) then the priced result's keys, as JSON text."""
-    return _dumps(dict(envelope))[:-1] + "," + result[1:]
+    return json_text(dict(envelope))[:-1] + "," + result[1:]
 
 
 def _sold_lines(priced: PricedBasket) -> list[SoldLine]:

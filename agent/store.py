@@ -72,6 +72,7 @@ __all__ = [
     "SaleRecord",
     "StoreStatus",
     "card_hash",
+    "json_text",
     "request_digest",
 ]
 
@@ -96,13 +97,14 @@ def request_digest(document: Any) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def _dumps(document: Any) -> str:
+def json_text(document: Any) -> str:
+    """Compact JSON (UTF-8 text, no NaN): how documents are stored, and how the POS API sends them."""
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def _text(document: Mapping[str, Any] | str) -> str:
     """A document as stored: JSON text given by the caller (encoded once, for a large sale) or encoded here."""
-    return document if isinstance(document, str) else _dumps(dict(document))
+    return document if isinstance(document, str) else json_text(dict(document))
 
 
 def _iso_at(at: dt.datetime) -> str:
@@ -618,7 +620,7 @@ class LaneStore:
         ]
         if bad:
             raise ReturnError(bad, what="return")
-        body, stored = _dumps(dict(entry)), _dumps(dict(response))
+        body, stored = json_text(dict(entry)), json_text(dict(response))
         at_text = _iso_at(at)
         rows = [
             (return_id, line_id, sale_id, back.qty, back.refund_fen, back.points)
@@ -694,7 +696,7 @@ class LaneStore:
         void raises SaleVoidedError; a sale with returns cannot be voided
         (SaleHasReturnsError).  The sale's own spend is credited back.
         """
-        body, stored = _dumps(dict(entry)), _dumps(dict(response))
+        body, stored = json_text(dict(entry)), json_text(dict(response))
         at_text = _iso_at(at)
 
         def void(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:

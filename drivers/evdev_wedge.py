@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import importlib
 import logging
 import os
 import time
@@ -30,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import evdev
+from evdev import _input  # type: ignore[attr-defined]  # the C reader ships no type information
 from pydantic import Field, field_validator, model_validator
 
 from drivers.base import Backoff, DeviceChanged, DriverEvent, EventLoopDriver, Unreadable
@@ -123,20 +124,22 @@ def open_evdev(config: EvdevWedgeConfig) -> Handle:
     """
     if config.path is not None and Path(config.path).is_fifo():
         return open_fifo(config.path)
-    import evdev  # noqa: PLC0415 - only the real device needs the C extension loaded
-
     found = None
+    unopened: list[str] = []
     for path in evdev.list_devices():
         try:
             device = evdev.InputDevice(path)
-        except OSError:
+        except OSError as exc:
+            # Not ours to open (permissions) or gone since the listing: said below if nothing matched.
+            unopened.append(f"{path}: {exc.strerror or exc}")
             continue
         if found is None and _matches(config, device):
             found = device
         else:
             device.close()
     if found is None:
-        raise DeviceUnavailableError("no input device matches the configuration (see lane-agent devices)")
+        detail = f"; could not open {len(unopened)}: {', '.join(unopened[:3])}" if unopened else ""
+        raise DeviceUnavailableError(f"no input device matches the configuration (see lane-agent devices){detail}")
     if config.grab:
         try:
             found.grab()
@@ -153,8 +156,7 @@ def open_evdev(config: EvdevWedgeConfig) -> Handle:
 def _read_records(fd: int) -> tuple[tuple[int, int, int, int, int], ...]:
     # evdev's own C reader of struct input_event records (what InputDevice.read uses); it reads any
     # file descriptor, so a FIFO of recorded records is read exactly as a device is.
-    reader: Any = importlib.import_module("evdev._input")
-    return tuple(reader.device_read_many(fd))
+    return tuple(_input.device_read_many(fd))
 
 
 class EvdevWedgeDriver(EventLoopDriver):

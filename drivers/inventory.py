@@ -74,7 +74,8 @@ def input_devices(inventory: Inventory) -> None:
         except PermissionError:
             denied += 1
             continue
-        except OSError:
+        except OSError as exc:  # unplugged between the listing and the open, or a driver error
+            inventory.notes.append(f"{path}: cannot open: {exc.strerror or exc}")
             continue
         try:
             keys = device.capabilities().get(evdev.ecodes.EV_KEY, [])
