@@ -48,6 +48,7 @@ from agent.errors import ConfigError, Issue
 from agent.money import parse_money
 from drivers.config import DeviceConfig
 from drivers.registry import parse_device
+from sync import wire
 
 DEFAULT_PATH = Path("/etc/lane-agent/lane.toml")
 REDACTED = "***redacted***"
@@ -59,12 +60,15 @@ DEFAULT_STORE_PATH = Path("/var/lib/lane-agent/lane.db")
 DEFAULT_RULES_PATH = Path("/etc/lane-agent/rules/current.toml")
 TOKEN_MIN_CHARS = 24
 KEY_MIN_BYTES = 32
+DEFAULT_BROKER_PORT = 1883
+MIB = 1024 * 1024
 
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _CREDENTIAL_RE = re.compile(r"[A-Za-z0-9_.@-]{1,255}")
 # RFC 6750 b64token: what may follow "Bearer " in an Authorization header, no quoting needed.
 _TOKEN_RE = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+_CLIENT_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _HOST_LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 # Zone files that exist on many systems but are not places: the lane's clock
 # must not depend on how the PC's operating system was set up.
@@ -233,6 +237,31 @@ def _parse_key(value: object) -> Secret[bytes]:
     return Secret(key)
 
 
+def _parse_password(value: object) -> Secret[str]:
+    if not isinstance(value, str):
+        raise PydanticCustomError("string_type", "must be a string")
+    if not value:
+        raise PydanticCustomError("too_short", "must not be empty; leave the key out for no password")
+    if len(value.encode("utf-8")) > 65535:
+        raise PydanticCustomError("too_long", "must be at most 65535 bytes (MQTT's limit)")
+    return Secret(value)
+
+
+def _check_root(value: str) -> str:
+    try:
+        return wire.check_root(value)
+    except ValueError as exc:
+        raise PydanticCustomError("invalid_topic_root", str(exc)) from None
+
+
+def _check_client_id(value: str) -> str:
+    if not _CLIENT_ID_RE.fullmatch(value):
+        raise PydanticCustomError(
+            "invalid_client_id", "must be 1 to 128 characters, each a letter, digit, '_', '.', ':' or '-'"
+        )
+    return value
+
+
 def _check_host(host: str) -> str:
     if host.startswith("["):
         raise PydanticCustomError("invalid_host", "write an IPv6 address without brackets, e.g. '::1'")
@@ -264,6 +293,10 @@ CredentialName = Annotated[str, AfterValidator(_check_credential_name)]
 AbsPath = Annotated[Path, BeforeValidator(_to_path)]
 MoneyText = Annotated[str, BeforeValidator(_check_money_text)]
 Token = Annotated[Secret[str], BeforeValidator(_parse_token)]
+Password = Annotated[Secret[str], BeforeValidator(_parse_password)]
+TopicRoot = Annotated[str, AfterValidator(_check_root)]
+ClientId = Annotated[str, AfterValidator(_check_client_id)]
+HostName = Annotated[str, AfterValidator(_check_host)]
 HashKey = Annotated[Secret[bytes], BeforeValidator(_parse_key)]
 
 
@@ -407,6 +440,97 @@ class LoggingSection(_Section):
     json_format: bool = Field(default=False, alias="json", description="one JSON object per line instead of plain text")
 
 
+class SyncSection(_Section):
+    """The uplink: the journal to head office over MQTT (docs/lane-agent.md, "Sync (uplink)")."""
+
+    secrets: ClassVar[tuple[str, ...]] = ("password",)
+
+    enabled: bool = Field(default=False, description="run the uplink; off, the journal only grows on this PC")
+    host: HostName = Field(default=DEFAULT_HOST, description="MQTT broker host name or address")
+    port: int = Field(default=DEFAULT_BROKER_PORT, ge=1, le=65535, description="MQTT broker TCP port")
+    topic_root: TopicRoot = Field(
+        default=wire.DEFAULT_ROOT, description="first level(s) of every topic: {root}/{store}/{lane}/journal"
+    )
+    client_id: ClientId | None = Field(
+        default=None, description='MQTT client id; not set: "lane-{store}-{lane}" (the session lives at the broker)'
+    )
+    username: str | None = Field(default=None, min_length=1, max_length=1024, description="MQTT user name")
+    password: Password | None = Field(default=None, description="MQTT password (needs username)")
+    password_env: EnvName | None = Field(default=None, description="read the password from this environment variable")
+    password_credential: CredentialName | None = Field(
+        default=None, description="read the password from this systemd credential"
+    )
+    tls_ca_file: AbsPath | None = Field(
+        default=None, description="CA certificate(s) to verify the broker with; any tls_* key turns TLS on"
+    )
+    tls_cert_file: AbsPath | None = Field(
+        default=None, description="this lane's client certificate (with tls_key_file)"
+    )
+    tls_key_file: AbsPath | None = Field(default=None, description="the client certificate's private key")
+    keepalive_seconds: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive interval")
+    connect_timeout_seconds: float = Field(
+        default=10.0, ge=0.5, le=120.0, allow_inf_nan=False, description="timeout of connecting and of every publish"
+    )
+    batch_entries: int = Field(
+        default=500, ge=1, le=wire.MAX_BATCH_ENTRIES, description="most journal entries in one message"
+    )
+    batch_bytes: int = Field(
+        default=MIB,
+        ge=4096,
+        le=wire.MAX_PAYLOAD_BYTES,
+        description="largest message; a batch is cut before it would exceed this (one entry always goes)",
+    )
+    in_flight_batches: int = Field(
+        default=4, ge=1, le=64, description="batches sent and not yet acknowledged by head office, at most"
+    )
+    resend_after_seconds: float = Field(
+        default=10.0,
+        ge=0.1,
+        le=3600.0,
+        allow_inf_nan=False,
+        description="with batches in flight and no ack for this long, send again from the last ack",
+    )
+    state_interval_seconds: float = Field(
+        default=30.0, ge=0.5, le=3600.0, allow_inf_nan=False, description="republish the retained online state"
+    )
+    reconnect_min_seconds: float = Field(
+        default=0.5, ge=0.01, le=60.0, allow_inf_nan=False, description="first reconnect delay (before jitter)"
+    )
+    reconnect_max_seconds: float = Field(
+        default=60.0, ge=0.1, le=3600.0, allow_inf_nan=False, description="cap of the reconnect delay"
+    )
+    backlog_warn_entries: int = Field(
+        default=50_000, ge=0, le=1_000_000_000, description="warn from this many unacknowledged entries on; 0: never"
+    )
+    backlog_warn_mb: int = Field(
+        default=200, ge=0, le=1_048_576, description="warn from this many MB of unacknowledged entries on; 0: never"
+    )
+
+    @property
+    def tls(self) -> bool:
+        """Whether the broker is reached over TLS."""
+        return any(p is not None for p in (self.tls_ca_file, self.tls_cert_file, self.tls_key_file))
+
+    def client_identifier(self, lane: LaneSection) -> str:
+        """The MQTT client id: ``client_id``, or ``lane-{store}-{lane}``."""
+        return self.client_id or f"lane-{lane.store}-{lane.lane}"
+
+    def backlog_warnings(self, entries: int, size_bytes: int) -> dict[str, str]:
+        """What the backlog's size warrants saying (status, logs), by code; empty below both thresholds."""
+        warnings: dict[str, str] = {}
+        if self.backlog_warn_entries and entries >= self.backlog_warn_entries:
+            warnings["backlog_entries"] = (
+                f"backlog of {entries} entries reached sync.backlog_warn_entries ({self.backlog_warn_entries})"
+                ": head office has not acknowledged them"
+            )
+        if self.backlog_warn_mb and size_bytes >= self.backlog_warn_mb * MIB:
+            warnings["backlog_bytes"] = (
+                f"backlog of {size_bytes / MIB:.1f} MB reached sync.backlog_warn_mb ({self.backlog_warn_mb})"
+                ": head office has not acknowledged it"
+            )
+        return warnings
+
+
 class LaneConfig(_Section):
     """A whole lane configuration file, validated."""
 
@@ -417,6 +541,7 @@ class LaneConfig(_Section):
     offline: OfflineSection = Field(default_factory=OfflineSection)
     returns: ReturnsSection = Field(default_factory=ReturnsSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    sync: SyncSection = Field(default_factory=SyncSection)
     # [[devices]]: each table validated by its driver's own model (drivers.registry).
     devices: tuple[SerializeAsAny[DeviceConfig], ...] = ()
 
@@ -496,6 +621,8 @@ def _resolve_secrets(
             issues.append(Issue(field, "conflict", f"give only one of {', '.join(given)}", source))
             continue
         if not given:
+            if not model.model_fields[key].is_required():
+                continue  # an optional secret (sync.password): absent is fine
             message = (
                 f'required; give {key} = "…", {key}_env = "VARIABLE" (an environment variable) '
                 f'or {key}_credential = "name" (a systemd credential)'
@@ -555,6 +682,27 @@ def _cross_check(sections: Mapping[str, _Section], source: str) -> list[Issue]:
         issues.append(Issue("store.busy_timeout_ms", "inconsistent", message, source))
     if isinstance(store, StoreSection) and isinstance(rules, RulesSection) and store.path == rules.path:
         issues.append(Issue("store.path", "inconsistent", "is the same file as rules.path", source))
+    sync = sections.get("sync")
+    if isinstance(sync, SyncSection):
+        issues.extend(_check_sync(sync, source))
+    return issues
+
+
+def _check_sync(sync: SyncSection, source: str) -> list[Issue]:
+    issues: list[Issue] = []
+    if (sync.tls_cert_file is None) != (sync.tls_key_file is None):
+        given, missing = (
+            ("tls_cert_file", "tls_key_file") if sync.tls_key_file is None else ("tls_key_file", "tls_cert_file")
+        )
+        message = f"is given without {missing}: a client certificate needs its key, and the key its certificate"
+        issues.append(Issue(f"sync.{given}", "inconsistent", message, source))
+    if sync.password is not None and sync.username is None:
+        issues.append(
+            Issue("sync.password", "inconsistent", "needs sync.username (MQTT sends no password alone)", source)
+        )
+    if sync.reconnect_max_seconds < sync.reconnect_min_seconds:
+        message = f"is less than sync.reconnect_min_seconds ({sync.reconnect_min_seconds:g})"
+        issues.append(Issue("sync.reconnect_max_seconds", "inconsistent", message, source))
     return issues
 
 

@@ -10,10 +10,12 @@ Tasks, each named: ``pos-api`` (uvicorn), ``watchdog`` (WATCHDOG=1 only while
 the store answers, so a wedged database thread gets the agent restarted),
 ``store-gauges`` (backlog and disk metrics, the low-disk warning),
 ``checkpoint`` (WAL into the database file every second, off the sales' path),
-``device:<name>`` per configured card reader or scanner (``agent.devices``)
-and ``signals``.  SIGTERM or SIGINT stops the API from accepting, lets requests
+``device:<name>`` per configured card reader or scanner (``agent.devices``),
+``sync-uplink`` when ``[sync] enabled = true`` (``sync.uplink``) and
+``signals``.  SIGTERM or SIGINT stops the API from accepting, lets requests
 in flight finish (their commits included) for up to ``GRACE_SECONDS``, ends
-the event streams, then closes the store, which checkpoints the WAL.
+the event streams, stops the uplink (its offline state published, the
+connection closed), then closes the store, which checkpoints the WAL.
 """
 
 from __future__ import annotations
@@ -40,12 +42,14 @@ from agent.sdnotify import SystemdNotifier
 from agent.service import LaneService
 from agent.store import LaneStore
 from drivers import registry
+from sync.uplink import Uplink
 
 log = logging.getLogger(__name__)
 
 GRACE_SECONDS = 10.0
 GAUGE_SECONDS = 5.0
 CHECKPOINT_SECONDS = 1.0
+UPLINK_STOP_SECONDS = 5.0
 
 
 class ListenError(Exception):
@@ -91,6 +95,10 @@ async def serve(config: LaneConfig, ruleset: Ruleset, notifier: SystemdNotifier 
         metrics = Metrics()
         service = LaneService(config, store, ruleset, events)
         hub = DeviceHub(service, config.devices, registry.build)
+        uplink = None
+        if config.sync.enabled:
+            uplink = Uplink(config, store, metrics, rules_version=lambda: service.ruleset.version)
+            service.sync_status = uplink.status
         app = create_app(
             service,
             metrics,
@@ -129,6 +137,9 @@ async def serve(config: LaneConfig, ruleset: Ruleset, notifier: SystemdNotifier 
                     group.create_task(_checkpoints(store), name="checkpoint"),
                     *hub.start(group),
                 ]
+                syncing = None if uplink is None else group.create_task(uplink.run(), name="sync-uplink")
+                if syncing is not None:
+                    helpers.append(syncing)
                 signals = group.create_task(stop.wait(), name="signals")
                 await asyncio.wait([api, signals], return_when=asyncio.FIRST_COMPLETED)
                 log.info("stopping: finishing requests in flight")
@@ -136,6 +147,10 @@ async def serve(config: LaneConfig, ruleset: Ruleset, notifier: SystemdNotifier 
                 events.close()  # event streams end, so they do not hold the shutdown
                 server.should_exit = True
                 await api
+                if uplink is not None and syncing is not None:
+                    # The offline state, then a clean disconnect (which drops the Last Will).
+                    uplink.stop()
+                    await asyncio.wait([syncing], timeout=config.sync.connect_timeout_seconds + UPLINK_STOP_SECONDS)
                 for task in (*helpers, signals):
                     task.cancel()
         finally:
@@ -220,4 +235,13 @@ async def _gauges(service: LaneService, metrics: Metrics) -> None:
                     log.warning("disk space low: %d bytes free beside %s", store["disk_free_bytes"], service.store.path)
                 else:
                     log.info("disk space back above the warning level")
+            _sync_gauges(document["sync"], metrics)
         await asyncio.sleep(GAUGE_SECONDS)
+
+
+def _sync_gauges(sync: dict[str, Any], metrics: Metrics) -> None:
+    """The backlog's and the uplink's gauges (the status logs the backlog warnings)."""
+    metrics.sync_backlog_bytes.set(sync["backlog_bytes"])
+    metrics.sync_oldest_unacked_age.set(sync["oldest_unacked_age_seconds"] or 0)
+    age = sync["last_ack_age_seconds"]
+    metrics.sync_last_ack_age.set(float("nan") if age is None else age)

@@ -45,3 +45,36 @@ class Metrics:
         self.events_dropped = Counter(
             "lane_events_dropped", "events a slow stream lost (its queue was full)", registry=r
         )
+        # The uplink (sync/uplink.py).  The backlog in entries is lane_journal_backlog above.
+        self.sync_connected = Gauge("lane_sync_connected", "1 while the uplink is connected to the broker", registry=r)
+        self.sync_backlog_bytes = Gauge(
+            "lane_sync_backlog_bytes", "bytes of journal entry bodies head office has not acknowledged", registry=r
+        )
+        self.sync_oldest_unacked_age = Gauge(
+            "lane_sync_oldest_unacked_age_seconds",
+            "age of the oldest journal entry head office has not acknowledged (0: none)",
+            registry=r,
+        )
+        self.sync_last_ack_age = Gauge(
+            "lane_sync_last_ack_age_seconds",
+            "seconds since head office last acknowledged new entries (NaN: not since the agent started)",
+            registry=r,
+        )
+        self.sync_lag = Gauge(
+            "lane_sync_lag_seconds",
+            "from publishing the batch holding the acknowledged seq to receiving the acknowledgement (latest)",
+            registry=r,
+        )
+        self.sync_batches = Counter("lane_sync_batches_sent", "journal batches published", registry=r)
+        self.sync_entries = Counter("lane_sync_entries_sent", "journal entries published, resends included", registry=r)
+        self.sync_resends = Counter(
+            "lane_sync_resends", "times the uplink went back to the last ack (stalled acks)", registry=r
+        )
+        self.sync_acks = Counter("lane_sync_acks", "acknowledgements that moved acked_seq forward", registry=r)
+        self.sync_acks_rejected = Counter(
+            "lane_sync_acks_rejected",
+            "acknowledgements ignored, by reason (malformed, wrong_epoch, beyond_last)",
+            ["reason"],
+            registry=r,
+        )
+        self.sync_last_ack_age.set(float("nan"))

@@ -134,6 +134,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX own_spend_by_member ON own_spend (member_id, seq)",
         ),
     ),
+    Migration(
+        2,
+        "sync session counter",
+        (
+            # Grows once per broker connection: the lane's retained state carries it, so head office
+            # can tell a late Last Will of an older connection from the current connection's state.
+            "ALTER TABLE lane_state ADD COLUMN sync_session INTEGER NOT NULL DEFAULT 0",
+        ),
+    ),
 )
 
 

@@ -36,7 +36,7 @@ from agent.pos_models import IdentifyIn, ReturnIn, SaleIn, VoidIn
 from agent.render import to_wire
 from agent.returns import Returned, SoldLine, price_return
 from agent.ruleset import Ruleset
-from agent.store import CardRecord, LaneStore, SaleRecord, json_text, request_digest
+from agent.store import BacklogStats, CardRecord, LaneStore, SaleRecord, StoreStatus, json_text, request_digest
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,9 @@ class LaneService:
         self._clock = clock or (lambda: dt.datetime.now(self.zone))
         self.started = self._clock()
         self._started_monotonic = time.monotonic()
+        # The uplink's live figures (sync.uplink.Uplink.status), set by the daemon when [sync] is enabled.
+        self.sync_status: Callable[[], Mapping[str, Any]] | None = None
+        self._backlog_warned: set[str] = set()
 
     def now(self) -> dt.datetime:
         return self._clock().astimezone(self.zone)
@@ -396,6 +399,7 @@ class LaneService:
     async def status(self, devices: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """``GET /v1/status``: who this lane is, versions, backlog, disk, devices."""
         store = await self.store.status()
+        backlog = await self.store.backlog_stats()
         free = _free_bytes(self.store.path)
         warn = self.config.store.disk_warn_free_mb * 1024 * 1024
         now = self.now()
@@ -431,7 +435,49 @@ class LaneService:
             },
             "devices": devices or [],
             "events": {"subscribers": self.events.subscribers},
+            "sync": self._sync_status(store, backlog),
         }
+
+    def _sync_status(self, store: StoreStatus, backlog: BacklogStats) -> dict[str, Any]:
+        sync = self.config.sync
+        live = self.sync_status() if self.sync_status is not None else {}
+        host = f"[{sync.host}]" if ":" in sync.host else sync.host
+        return {
+            "enabled": sync.enabled,
+            "connected": bool(live.get("connected", False)),
+            "broker": f"{host}:{sync.port}",
+            "session": live.get("session"),
+            "backlog": backlog.entries,
+            "backlog_bytes": backlog.bytes,
+            "oldest_unacked_at": backlog.oldest_unacked_at,
+            "oldest_unacked_age_seconds": _age(backlog.oldest_unacked_at),
+            "last_ack_at": live.get("last_ack_at"),
+            "last_ack_age_seconds": live.get("last_ack_age_seconds"),
+            "acked_seq": store.acked_seq,
+            "last_seq": store.last_seq,
+            "sync_lag_seconds": live.get("sync_lag_seconds"),
+            "warnings": [{"code": code, "message": message} for code, message in self._backlog_warnings(backlog)],
+        }
+
+    def _backlog_warnings(self, backlog: BacklogStats) -> list[tuple[str, str]]:
+        """The backlog's warnings; each is logged once when it starts (and once when it ends), not per status."""
+        warnings = self.config.sync.backlog_warnings(backlog.entries, backlog.bytes)
+        for code in sorted(warnings.keys() - self._backlog_warned):
+            log.warning("%s", warnings[code])
+        for code in sorted(self._backlog_warned - warnings.keys()):
+            log.info("backlog back below its warning level (%s)", code)
+        self._backlog_warned = set(warnings)
+        return sorted(warnings.items())
+
+
+def _age(at: str | None) -> float | None:
+    """Seconds since the ISO time ``at`` by the wall clock (never negative), or None."""
+    if at is None:
+        return None
+    moment = dt.datetime.fromisoformat(at)
+    if moment.tzinfo is None:
+        return None
+    return round(max((dt.datetime.now(dt.UTC) - moment).total_seconds(), 0.0), 3)
 
 
 def _free_bytes(path: os.PathLike[str] | str) -> int | None:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self, TypeVar, cast
+from typing import Any, Literal, NamedTuple, Self, TypeVar, cast
 
 import aiosqlite
 
@@ -64,7 +64,11 @@ from agent.returns import Returned, SoldLine
 # card_hash is re-exported: head office and the lanes share one definition.
 from agent.snapshot import MIN_KEY_BYTES, IssueList, SnapshotReader, card_hash, key_check
 
+# The wire's row type: journal_batch hands the sync layer rows it splices into messages as they are.
+from sync.wire import RawEntry
+
 __all__ = [
+    "BacklogStats",
     "CardRecord",
     "ImportResult",
     "JournalEntry",
@@ -200,6 +204,14 @@ class StoreStatus:
     card_key_ok: bool
 
 
+class BacklogStats(NamedTuple):
+    """The unacknowledged part of the journal: entries, their bodies' bytes, the oldest one's ``at``."""
+
+    entries: int
+    bytes: int
+    oldest_unacked_at: str | None
+
+
 @dataclass(frozen=True, slots=True)
 class ImportResult:
     """What a snapshot import replaced the member cache with."""
@@ -227,6 +239,11 @@ class LaneStore:
         self._closed = False
         self._busy_timeout_ms = 5000
         self._checkpointer: aiosqlite.Connection | None = None
+        # Set after every sale, return or void actually written (never for a replay): the uplink's wake-up.
+        self.journal_appended = asyncio.Event()
+        # (acked_seq, last_seq, bytes) of the last backlog_stats: the next one only reads what changed.
+        # Touched on the connection's thread only.
+        self._backlog_bytes: tuple[int, int, int] | None = None
 
     @classmethod
     async def open(
@@ -561,7 +578,7 @@ class LaneStore:
                 )
             return json.loads(stored), False
 
-        return await self._write(commit, "sale commit")
+        return self._appended(await self._write(commit, "sale commit"))
 
     async def find_sale(self, sale_id: str) -> SaleRecord | None:
         """A committed sale by the POS's id, or None."""
@@ -655,7 +672,7 @@ class LaneStore:
                 conn.execute("INSERT INTO own_spend VALUES (?, ?, ?, 0, ?)", (seq, sale[0], points_reversed, seq))
             return json.loads(stored), False
 
-        return await self._write(commit, "return commit")
+        return self._appended(await self._write(commit, "return commit"))
 
     async def find_return(self, return_id: str) -> tuple[str, str, dict[str, Any]] | None:
         """A committed return by the POS's id: ``(sale_id, request_digest, response)``, or None."""
@@ -730,7 +747,12 @@ class LaneStore:
                 )
             return json.loads(stored), False
 
-        return await self._write(void, "void commit")
+        return self._appended(await self._write(void, "void commit"))
+
+    def _appended(self, result: tuple[dict[str, Any], bool]) -> tuple[dict[str, Any], bool]:
+        if not result[1]:  # written, not replayed
+            self.journal_appended.set()
+        return result
 
     # --- sync -----------------------------------------------------------------
 
@@ -782,6 +804,62 @@ class LaneStore:
             )
             for seq, entry_id, kind, at, rules_version, member_version, body in rows
         ]
+
+    async def journal_batch(self, after_seq: int, limit: int) -> list[RawEntry]:
+        """Up to ``limit`` journal rows after ``after_seq``, oldest first, bodies as the stored JSON text.
+
+        One store call, for the uplink: the rows go onto the wire without being decoded.
+        """
+        if limit < 1:
+            raise ValueError("a batch holds at least one entry")
+        rows = await self._run(
+            lambda conn: conn.execute(
+                "SELECT seq, id, kind, at, rules_version, member_version, body FROM journal"
+                " WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, limit),
+            ).fetchall(),
+            "journal read",
+        )
+        return [RawEntry(*row) for row in rows]
+
+    async def backlog_stats(self) -> BacklogStats:
+        """Unacknowledged entries, their bodies' size in bytes (UTF-8) and the oldest one's ``at``.
+
+        The byte count is kept from call to call and only the entries acknowledged or
+        written since the last call are read, so a large backlog is not summed anew each
+        time on the thread the sales wait for.
+        """
+
+        def read(conn: sqlite3.Connection) -> BacklogStats:
+            acked = int(conn.execute("SELECT acked_seq FROM lane_state").fetchone()[0])
+            last = int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM journal").fetchone()[0])
+            size = "SELECT COALESCE(SUM(LENGTH(CAST(body AS BLOB))), 0) FROM journal WHERE seq > ? AND seq <= ?"
+            known = self._backlog_bytes
+            if known is None or known[0] > acked or known[1] > last:
+                total = int(conn.execute(size, (acked, last)).fetchone()[0])
+            else:
+                old_acked, old_last, total = known
+                total -= int(conn.execute(size, (old_acked, min(acked, old_last))).fetchone()[0])
+                total += int(conn.execute(size, (max(old_last, acked), last)).fetchone()[0])
+            self._backlog_bytes = (acked, last, total)
+            oldest = conn.execute("SELECT at FROM journal WHERE seq = ?", (acked + 1,)).fetchone()
+            return BacklogStats(last - acked, total, None if oldest is None else str(oldest[0]))
+
+        return await self._run(read, "backlog")
+
+    async def sync_session(self) -> int:
+        """The last sync session number handed out (0: none yet)."""
+        row = await self._run(lambda conn: conn.execute("SELECT sync_session FROM lane_state").fetchone(), "session")
+        return int(row[0])
+
+    async def next_sync_session(self) -> int:
+        """A new sync session number, durably one above the last: one per broker connection."""
+
+        def bump(conn: sqlite3.Connection) -> int:
+            conn.execute("UPDATE lane_state SET sync_session = sync_session + 1")
+            return int(conn.execute("SELECT sync_session FROM lane_state").fetchone()[0])
+
+        return await self._write(bump, "session")
 
     async def status(self) -> StoreStatus:
         """Sequence numbers, backlog, size and member-table version."""

@@ -1,9 +1,11 @@
-"""`make demo`: the sample baskets of every shipped programme, explained; then a lane agent at work.
+"""`make demo`: the shipped programmes' sample baskets explained; a lane at work; a store syncing with head office.
 
 Each programme's samples live in config/samples/<ruleset id>/ with a
 scenarios.json listing the baskets and members to price.  The second part
 (scripts/demo_lane.py) starts a real lane agent and plays a till against its
-POS API.  Later issues add card readers, head office and MQTT sync.
+POS API.  The third (scripts/demo_chain.py) starts a broker, head office and
+three lanes that sell and sync for DURATION seconds (default 30; 0 keeps them
+running).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from agent.ruleset import load_ruleset
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-import demo_lane  # noqa: E402 - beside this script, not a package
+import demo_chain  # noqa: E402 - beside this script, not a package
+import demo_lane  # noqa: E402
 
 
 def main() -> int:
@@ -54,7 +57,8 @@ def main() -> int:
             total_baskets += 1
     print(f"\npriced {total_baskets} sample baskets.  Rules: docs/rules.md   POS API: docs/pos-api.md")
     print("try: .venv/bin/lane-agent price --rules config/rules/888-mall.toml --basket <basket.json> --explain")
-    return demo_lane.main()
+    code = demo_lane.main()
+    return code or demo_chain.main()
 
 
 if __name__ == "__main__":

@@ -6,12 +6,10 @@ member snapshot into a temporary directory, imports the members with
 reader swipes a good card, a lost one and half a card, taps a card issued
 today and scans a coupon, and the POS hears each on `GET /v1/events`; then a
 basket is priced, the sale committed and retried (the retry is answered from
-the journal), part of it returned, a second sale voided.  The
-agent stays up for DURATION seconds afterwards (default 0: stop at once;
-DURATION=-1 or any negative keeps it until Ctrl-C) so its /docs page can be
-opened.
-
-MQTT sync to head office arrives with a later issue.
+the journal), part of it returned, a second sale voided.  Run on its own, the
+agent stays up for LANE_HOLD seconds afterwards (default 0: stop at once; a
+negative value keeps it until Ctrl-C) so its /docs page can be opened.  The
+lanes syncing with head office are the next part (scripts/demo_chain.py).
 """
 
 from __future__ import annotations
@@ -195,13 +193,11 @@ def _till(http: httpx.Client) -> None:
     _say(f"  guest sale voided: refund {voided['refund']}")
     status = http.get("/v1/status").json()
     journal = status["journal"]
-    _say(
-        f"  journal: last seq {journal['last_seq']}, backlog {journal['backlog']} for head office (sync: a later issue)"
-    )
+    _say(f"  journal: last seq {journal['last_seq']}, backlog {journal['backlog']} (sync is off on this lane)")
 
 
 def main() -> int:
-    duration = float(os.environ.get("DURATION", "0") or 0)
+    duration = float(os.environ.get("LANE_HOLD", "0") or 0)
     work = Path(tempfile.mkdtemp(prefix="lane-demo-"))
     key = secrets.token_bytes(32)
     token = secrets.token_urlsafe(24)

@@ -20,6 +20,10 @@ command -v gcc >/dev/null 2>&1 || missing+=(gcc)
 [ -e /usr/include/stdio.h ] || missing+=(libc6-dev)
 # python-evdev compiles against the kernel's input headers.
 [ -e /usr/include/linux/input.h ] || missing+=(linux-libc-dev)
+# MQTT: the tests and the demo start private Mosquitto brokers.
+[ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+# Head office's production database; the tests create a fresh database on the local server.
+command -v pg_ctlcluster >/dev/null 2>&1 || missing+=(postgresql)
 if ! python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' >/dev/null 2>&1; then
     missing+=(python3-dev)
 fi

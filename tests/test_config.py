@@ -134,7 +134,7 @@ def test_the_example_file_gives_the_defaults() -> None:
     """The example says "Default: …" for each key; it must also set exactly that value."""
     example = redacted(load_config(EXAMPLE))
     defaults = redacted(parse_config(to_toml(base()), environ={}))
-    for section in ("api", "store", "rules", "offline", "returns", "logging"):
+    for section in ("api", "store", "rules", "offline", "returns", "logging", "sync"):
         for key, value in defaults[section].items():
             if key not in {"token", "card_hash_key"}:
                 assert example[section][key] == value, f"{section}.{key}"
@@ -798,3 +798,79 @@ def test_cli_usage_error_exits_2() -> None:
     result = config_check()
     assert result.returncode == 2
     assert "FILE" in result.stderr
+
+
+# --- [sync] -------------------------------------------------------------------------------------
+
+
+def test_sync_defaults_and_the_client_id_from_the_lane() -> None:
+    config = parse_config(to_toml(base()), environ={})
+    sync = config.sync
+    assert sync.enabled is False
+    assert (sync.host, sync.port, sync.topic_root) == ("127.0.0.1", 1883, "retail")
+    assert sync.client_identifier(config.lane) == "lane-s01-l03"
+    assert (sync.batch_entries, sync.batch_bytes, sync.in_flight_batches) == (500, 1024 * 1024, 4)
+    assert (sync.resend_after_seconds, sync.state_interval_seconds) == (10.0, 30.0)
+    assert (sync.reconnect_min_seconds, sync.reconnect_max_seconds) == (0.5, 60.0)
+    assert (sync.keepalive_seconds, sync.connect_timeout_seconds) == (30, 10.0)
+    assert (sync.backlog_warn_entries, sync.backlog_warn_mb) == (50_000, 200)
+    assert sync.password is None
+    assert sync.tls is False
+    doc = base()
+    doc["sync"] = {"client_id": "till-7", "tls_ca_file": "/etc/lane-agent/ca.pem"}
+    config = parse_config(to_toml(doc), environ={})
+    assert config.sync.client_identifier(config.lane) == "till-7"
+    assert config.sync.tls is True
+
+
+def test_the_sync_password_is_an_optional_secret() -> None:
+    doc = base()
+    doc["sync"] = {"username": "lane", "password_env": "LANE_MQTT_PASSWORD"}
+    config = parse_config(to_toml(doc), environ={"LANE_MQTT_PASSWORD": "mqtt-secret-1"})
+    assert config.sync.password is not None
+    assert config.sync.password.reveal() == "mqtt-secret-1"
+    assert redacted(config)["sync"]["password"] == REDACTED
+    assert "mqtt-secret-1" not in render_toml(redacted(config))
+    assert "mqtt-secret-1" not in repr(config)
+    assert pairs(doc, environ={}) == [("sync.password_env", "env_unset")]
+    doc["sync"]["password"] = "x"
+    assert pairs(doc, environ={"LANE_MQTT_PASSWORD": "y"}) == [("sync.password", "conflict")]
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"tls_cert_file": "/etc/lane-agent/lane.pem"}, [("sync.tls_cert_file", "inconsistent")]),
+        ({"tls_key_file": "/etc/lane-agent/lane.key"}, [("sync.tls_key_file", "inconsistent")]),
+        ({"tls_ca_file": "ca.pem"}, [("sync.tls_ca_file", "relative_path")]),
+        ({"password": "secret"}, [("sync.password", "inconsistent")]),
+        (
+            {"reconnect_min_seconds": 5.0, "reconnect_max_seconds": 1.0},
+            [("sync.reconnect_max_seconds", "inconsistent")],
+        ),
+        ({"topic_root": "retail/#"}, [("sync.topic_root", "invalid_topic_root")]),
+        ({"client_id": "has space"}, [("sync.client_id", "invalid_client_id")]),
+        ({"host": "[::1]"}, [("sync.host", "invalid_host")]),
+        ({"port": 0}, [("sync.port", "greater_than_equal")]),
+        ({"batch_entries": 0}, [("sync.batch_entries", "greater_than_equal")]),
+        ({"batch_bytes": 9 * 1024 * 1024}, [("sync.batch_bytes", "less_than_equal")]),
+        ({"in_flight_batches": 0}, [("sync.in_flight_batches", "greater_than_equal")]),
+        ({"enabled": "yes"}, [("sync.enabled", "bool_type")]),
+        ({"batchentries": 5}, [("sync.batchentries", "extra_forbidden")]),
+    ],
+)
+def test_bad_sync_settings(changes: dict[str, Any], expected: list[tuple[str, str]]) -> None:
+    doc = base()
+    doc["sync"] = changes
+    assert pairs(doc) == expected
+
+
+def test_backlog_warnings_start_at_their_thresholds() -> None:
+    doc = base()
+    doc["sync"] = {"backlog_warn_entries": 10, "backlog_warn_mb": 1}
+    sync = parse_config(to_toml(doc), environ={}).sync
+    assert sync.backlog_warnings(9, 1024 * 1024 - 1) == {}
+    assert set(sync.backlog_warnings(10, 0)) == {"backlog_entries"}
+    assert set(sync.backlog_warnings(0, 1024 * 1024)) == {"backlog_bytes"}
+    doc["sync"] = {"backlog_warn_entries": 0, "backlog_warn_mb": 0}
+    assert parse_config(to_toml(doc), environ={}).sync.backlog_warnings(10**9, 10**12) == {}

@@ -11,13 +11,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_demo_explains_every_sample_scenario() -> None:
+def test_demo_explains_every_sample_scenario_then_runs_a_store_that_syncs() -> None:
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "demo.py")],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=240,
         cwd=ROOT,
+        env={**os.environ, "DURATION": "9"},
         check=False,
     )
     assert done.returncode == 0, done.stderr
@@ -36,6 +37,18 @@ def test_demo_explains_every_sample_scenario() -> None:
     refused = done.stdout.count("refused: ")
     assert shown == len(titles) == priced + refused
     assert f"priced {priced} sample baskets" in done.stdout
+    # The store: three lanes sold through a broker outage, and head office holds every sale once.
+    out = done.stdout
+    assert "broker stopped: the lanes keep selling offline" in out
+    assert "broker back; backlogs to drain" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("  lane-0")]
+    assert [row[0] for row in rows] == ["lane-01", "lane-02", "lane-03"]
+    for name, sold, at_hq, _net, _discount, _points, backlog, _lag, dups, dead, audit in rows:
+        assert int(sold) > 0, name
+        assert int(at_hq) == int(sold), name
+        assert (int(backlog), int(dead), int(audit)) == (0, 0, 0), name
+        assert int(dups) >= 0
+    assert "head office dashboard: http://127.0.0.1:" in out
 
 
 def test_demo_runs_a_lane_agent_and_plays_a_till() -> None:
@@ -45,7 +58,7 @@ def test_demo_runs_a_lane_agent_and_plays_a_till() -> None:
         text=True,
         timeout=90,
         cwd=ROOT,
-        env={**os.environ, "DURATION": "0"},
+        env={**os.environ, "LANE_HOLD": "0"},
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -1074,3 +1074,99 @@ def test_cli_store_failure_exit_code(tmp_path: Path, capsys: pytest.CaptureFixtu
     err = capsys.readouterr().err
     assert "store_corrupt" in err
     assert "Traceback" not in err
+
+
+# --- what the uplink reads ---------------------------------------------------------------------
+
+
+def test_journal_batch_gives_the_stored_rows_as_they_are(tmp_path: Path) -> None:
+    db = tmp_path / "lane.db"
+
+    async def body(store: LaneStore) -> None:
+        for number in range(5):
+            await sale(store, f"S{number}", pad="收银" * number)
+        rows = await store.journal_batch(1, 3)
+        assert [row.seq for row in rows] == [2, 3, 4]
+        assert await store.journal_batch(5, 10) == []
+        with pytest.raises(ValueError, match="at least one"):
+            await store.journal_batch(0, 0)
+
+    with_store(db, body)
+    stored = query(db, "SELECT seq, id, kind, at, rules_version, member_version, body FROM journal WHERE seq = 3")
+    rows = with_store(db, lambda store: store.journal_batch(2, 1))
+    assert [
+        tuple(getattr(row, f) for f in ("seq", "id", "kind", "at", "rules_version", "member_version", "body"))
+        for row in rows
+    ] == stored
+    assert isinstance(rows[0].body, str)
+
+
+def test_backlog_stats_follow_sales_and_acks_in_utf8_bytes(tmp_path: Path) -> None:
+    db = tmp_path / "lane.db"
+
+    def expected() -> tuple[int, int, str | None]:
+        rows = query(
+            db, "SELECT j.at, j.body FROM journal AS j, lane_state AS s WHERE j.seq > s.acked_seq ORDER BY j.seq"
+        )
+        return len(rows), sum(len(body.encode()) for _, body in rows), rows[0][0] if rows else None
+
+    async def body(store: LaneStore) -> list[tuple[tuple[Any, ...], tuple[Any, ...]]]:
+        seen = [(tuple(await store.backlog_stats()), expected())]
+        for number in range(4):
+            await sale(store, f"S{number}", pad="会员" * (number + 1) * 10)
+            seen.append((tuple(await store.backlog_stats()), expected()))
+        await store.mark_acked(2)
+        seen.append((tuple(await store.backlog_stats()), expected()))
+        await sale(store, "S4", pad="x" * 100)
+        await store.mark_acked(3)  # both ends moved since the last call
+        seen.append((tuple(await store.backlog_stats()), expected()))
+        await sale(store, "S5")
+        await store.mark_acked(6)  # the ack passed everything the last call counted
+        seen.append((tuple(await store.backlog_stats()), expected()))
+        return seen
+
+    seen = with_store(db, body)
+    for got, want in seen:
+        assert got == want
+    assert [got[0] for got, _ in seen] == [0, 1, 2, 3, 4, 2, 2, 0]
+    assert seen[4][0][1] > 600  # 200 CJK characters of padding: 600 bytes in UTF-8, counted as bytes
+
+
+def test_sync_sessions_count_up_durably(tmp_path: Path) -> None:
+    db = tmp_path / "lane.db"
+
+    async def body(store: LaneStore) -> tuple[int, int, int]:
+        return await store.sync_session(), await store.next_sync_session(), await store.next_sync_session()
+
+    assert with_store(db, body) == (0, 1, 2)
+    assert with_store(db, lambda store: store.next_sync_session()) == 3
+    assert query(db, "SELECT sync_session FROM lane_state") == [(3,)]
+
+
+def test_a_written_entry_wakes_the_uplink_and_a_replay_does_not(tmp_path: Path) -> None:
+    async def body(store: LaneStore) -> list[bool]:
+        woken = [store.journal_appended.is_set()]
+        await sale(store, "A")
+        woken.append(store.journal_appended.is_set())
+        store.journal_appended.clear()
+        await sale(store, "A")  # the POS's retry: replayed, nothing written
+        woken.append(store.journal_appended.is_set())
+        await store.void_sale("A", "v", {}, {}, at=AT, rules_version="r")
+        woken.append(store.journal_appended.is_set())
+        store.journal_appended.clear()
+        await sale(store, "B", lines=LINES)
+        store.journal_appended.clear()
+        await store.commit_return("R", "B", "r", {}, {}, {"1": Returned(1000, 100, 0)}, at=AT, rules_version="r")
+        woken.append(store.journal_appended.is_set())
+        return woken
+
+    assert with_store(tmp_path / "lane.db", body) == [False, True, False, True, True]
+
+
+def test_a_version_1_database_gains_the_session_column(tmp_path: Path) -> None:
+    db = tmp_path / "lane.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    migrations.apply(conn, migrations.MIGRATIONS[0])
+    conn.close()
+    assert with_store(db, lambda store: store.next_sync_session()) == 1
+    assert query(db, "PRAGMA user_version") == [(2,)]

@@ -8,14 +8,22 @@ any difference means a buggy or tampered lane (or a ruleset mix-up).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import datetime as dt
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ValidationError
 
 from agent.basket import parse_basket, parse_member
 from agent.engine import price
+from agent.errors import InputError, Issue, TenderError
+from agent.pos_models import SaleIn
 from agent.render import to_wire
-from agent.ruleset import Ruleset
+from agent.ruleset import Ruleset, load_ruleset
+from agent.store import json_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,3 +61,75 @@ def audit_sale(ruleset: Ruleset, sale: Mapping[str, Any]) -> list[Difference]:
     out: list[Difference] = []
     _diff("", reported if isinstance(reported, Mapping) else {}, expected, out)
     return out
+
+
+# --- auditing the lanes' journal -------------------------------------------------
+
+AuditStatus = Literal["ok", "mismatch", "unknown_rules", "unreadable"]
+
+
+class RulesetLibrary:
+    """Every ruleset version head office has published, by ``(id, version)``, each checked by its digest."""
+
+    def __init__(self, rulesets: Iterable[Ruleset] = ()) -> None:
+        self._by_version: dict[tuple[str, str], Ruleset] = {}
+        for ruleset in rulesets:
+            self._by_version[ruleset.id, ruleset.version] = ruleset
+
+    @classmethod
+    def load(cls, directory: Path | None) -> RulesetLibrary:
+        """Every ``*.toml`` ruleset in ``directory`` (none when None); InputError lists files that do not validate."""
+        if directory is None:
+            return cls()
+        rulesets: list[Ruleset] = []
+        issues: list[Issue] = []
+        for path in sorted(directory.glob("*.toml")):
+            try:
+                rulesets.append(load_ruleset(path))
+            except InputError as exc:
+                issues.extend(exc.issues)
+        if issues:
+            raise InputError(issues, what="ruleset")
+        return cls(rulesets)
+
+    def __len__(self) -> int:
+        return len(self._by_version)
+
+    def find(self, ruleset_id: str, version: str, digest: str | None = None) -> Ruleset | None:
+        """The ruleset a lane reported, or None when head office has no such version (or another text of it)."""
+        ruleset = self._by_version.get((ruleset_id, version))
+        if ruleset is None or (digest is not None and digest != ruleset.digest):
+            return None
+        return ruleset
+
+
+def audit_journal_sale(
+    library: RulesetLibrary, at: dt.datetime, body: Mapping[str, Any]
+) -> tuple[AuditStatus, list[Difference]]:
+    """Re-price a sale's journal body (its POS request, member state and moment) and compare with its result.
+
+    ``unknown_rules``: head office has no ruleset of that id, version and
+    digest; ``unreadable``: the request or member cannot be parsed again (a
+    lane cannot have priced it, so it is as suspect as a mismatch).
+    """
+    rules = body.get("rules")
+    if not isinstance(rules, Mapping):
+        return "unreadable", [Difference("rules", rules, "an object {id, version, digest}")]
+    ruleset = library.find(str(rules.get("id")), str(rules.get("version")), rules.get("digest"))
+    if ruleset is None:
+        return "unknown_rules", []
+    try:
+        request = SaleIn.model_validate_json(json_text(body.get("request")))
+        basket = dataclasses.replace(request.to_basket(), at=at)
+        member_doc = body.get("member")
+        member = None if member_doc is None else parse_member(member_doc, source="sale.member")
+        expected = to_wire(price(basket, member, ruleset, at))
+    except TenderError as exc:
+        # The tenders the lane took do not fit the basket as re-priced: the amounts differ.
+        return "mismatch", [Difference("tenders", body.get("request", {}).get("tenders"), str(exc)[:500])]
+    except (ValidationError, InputError) as exc:
+        return "unreadable", [Difference("request", None, str(exc)[:500])]
+    reported = body.get("result")
+    out: list[Difference] = []
+    _diff("", reported if isinstance(reported, Mapping) else {}, expected, out)
+    return ("mismatch" if out else "ok"), out

@@ -1,6 +1,7 @@
 """``lane-hq``: head office's command line.
 
-Exit codes: 0 success, 1 invalid input or an audit mismatch, 2 usage error.
+Exit codes: 0 success, 1 invalid input or an audit mismatch, 2 usage error,
+78 (EX_CONFIG) for ``run`` with an invalid configuration or ruleset directory.
 """
 
 from __future__ import annotations
@@ -13,8 +14,30 @@ from pathlib import Path
 
 from agent.cli import EXIT_INVALID, check_rules, quiet_broken_pipe
 from agent.errors import InputError, Issue
+from agent.logs import setup_logging
 from agent.ruleset import load_ruleset
-from sync.hq.audit import audit_sale
+from sync.hq.audit import RulesetLibrary, audit_sale
+from sync.hq.config import DEFAULT_PATH, load_hq_config
+
+EXIT_CONFIG = 78
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        config = load_hq_config(args.config)
+        library = RulesetLibrary.load(config.rules.directory)
+    except InputError as exc:
+        print(f"lane-hq: invalid {exc.what}:", file=sys.stderr)
+        for issue in exc.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(config.logging.level)
+    import asyncio  # noqa: PLC0415 - only the daemon needs the event loop and the server stack
+
+    from sync.hq.server import serve  # noqa: PLC0415
+
+    asyncio.run(serve(config, library))
+    return 0
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
@@ -45,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
     check = rules_sub.add_parser("check", help="validate ruleset files")
     check.add_argument("files", nargs="+", metavar="FILE")
+    run = sub.add_parser("run", help="run head office: journal ingest, audit, HTTP API")
+    run.add_argument("--config", default=str(DEFAULT_PATH), metavar="FILE", help=f"default {DEFAULT_PATH}")
     audit = sub.add_parser("audit", help="re-price reported sales and list every difference")
     audit.add_argument("--rules", required=True, metavar="FILE", help="the ruleset version the lane reported")
     audit.add_argument("sales", nargs="+", metavar="SALE", help="JSON: {basket, member, result}")
@@ -57,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "rules":
             return check_rules(args.files)
+        if args.command == "run":
+            return _cmd_run(args)
         return _cmd_audit(args)
     except InputError as exc:
         print(f"lane-hq: invalid {exc.what}:", file=sys.stderr)
