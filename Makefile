@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) -m bench.run
 	$(PY) -m bench.api
 	$(PY) -m bench.swipe
+	$(PY) -m bench.sync
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
