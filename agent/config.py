@@ -43,12 +43,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError, core_schema
 
+from agent import topics
 from agent.basket import issues_from_validation
 from agent.errors import ConfigError, Issue
 from agent.money import parse_money
 from drivers.config import DeviceConfig
 from drivers.registry import parse_device
-from sync import wire
 
 DEFAULT_PATH = Path("/etc/lane-agent/lane.toml")
 REDACTED = "***redacted***"
@@ -249,7 +249,7 @@ def _parse_password(value: object) -> Secret[str]:
 
 def _check_root(value: str) -> str:
     try:
-        return wire.check_root(value)
+        return topics.check_root(value)
     except ValueError as exc:
         raise PydanticCustomError("invalid_topic_root", str(exc)) from None
 
@@ -449,7 +449,7 @@ class SyncSection(_Section):
     host: HostName = Field(default=DEFAULT_HOST, description="MQTT broker host name or address")
     port: int = Field(default=DEFAULT_BROKER_PORT, ge=1, le=65535, description="MQTT broker TCP port")
     topic_root: TopicRoot = Field(
-        default=wire.DEFAULT_ROOT, description="first level(s) of every topic: {root}/{store}/{lane}/journal"
+        default=topics.DEFAULT_ROOT, description="first level(s) of every topic: {root}/{store}/{lane}/journal"
     )
     client_id: ClientId | None = Field(
         default=None, description='MQTT client id; not set: "lane-{store}-{lane}" (the session lives at the broker)'
@@ -472,12 +472,12 @@ class SyncSection(_Section):
         default=10.0, ge=0.5, le=120.0, allow_inf_nan=False, description="timeout of connecting and of every publish"
     )
     batch_entries: int = Field(
-        default=500, ge=1, le=wire.MAX_BATCH_ENTRIES, description="most journal entries in one message"
+        default=500, ge=1, le=topics.MAX_BATCH_ENTRIES, description="most journal entries in one message"
     )
     batch_bytes: int = Field(
         default=MIB,
         ge=4096,
-        le=wire.MAX_PAYLOAD_BYTES,
+        le=topics.MAX_PAYLOAD_BYTES,
         description="largest message; a batch is cut before it would exceed this (one entry always goes)",
     )
     in_flight_batches: int = Field(

@@ -64,14 +64,12 @@ from agent.returns import Returned, SoldLine
 # card_hash is re-exported: head office and the lanes share one definition.
 from agent.snapshot import MIN_KEY_BYTES, IssueList, SnapshotReader, card_hash, key_check
 
-# The wire's row type: journal_batch hands the sync layer rows it splices into messages as they are.
-from sync.wire import RawEntry
-
 __all__ = [
     "BacklogStats",
     "CardRecord",
     "ImportResult",
     "JournalEntry",
+    "JournalRow",
     "LaneStore",
     "SaleRecord",
     "StoreStatus",
@@ -162,6 +160,19 @@ class JournalEntry:
     rules_version: str
     member_version: int
     body: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class JournalRow:
+    """A journal row for the wire (``sync.wire.encode_batch``): ``body`` is the stored JSON text, not decoded."""
+
+    seq: int
+    id: str
+    kind: str
+    at: str
+    rules_version: str
+    member_version: int
+    body: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -805,7 +816,7 @@ class LaneStore:
             for seq, entry_id, kind, at, rules_version, member_version, body in rows
         ]
 
-    async def journal_batch(self, after_seq: int, limit: int) -> list[RawEntry]:
+    async def journal_batch(self, after_seq: int, limit: int) -> list[JournalRow]:
         """Up to ``limit`` journal rows after ``after_seq``, oldest first, bodies as the stored JSON text.
 
         One store call, for the uplink: the rows go onto the wire without being decoded.
@@ -820,7 +831,7 @@ class LaneStore:
             ).fetchall(),
             "journal read",
         )
-        return [RawEntry(*row) for row in rows]
+        return [JournalRow(*row) for row in rows]
 
     async def backlog_stats(self) -> BacklogStats:
         """Unacknowledged entries, their bodies' size in bytes (UTF-8) and the oldest one's ``at``.

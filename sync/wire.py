@@ -26,17 +26,42 @@ from typing import Any, Literal
 import orjson
 
 from agent.errors import LaneError
+from agent.store import JournalRow
+
+# Re-exported: the wire's names and limits, kept in agent.topics for the lane's configuration.
+from agent.topics import DEFAULT_ROOT, MAX_BATCH_ENTRIES, MAX_PAYLOAD_BYTES, check_root
+
+__all__ = [
+    "DEFAULT_ROOT",
+    "KINDS",
+    "MAX_BATCH_ENTRIES",
+    "MAX_PAYLOAD_BYTES",
+    "WIRE_VERSION",
+    "Ack",
+    "Batch",
+    "Entry",
+    "LaneState",
+    "RawEntry",
+    "Reject",
+    "WireError",
+    "check_root",
+    "decode_ack",
+    "decode_batch",
+    "decode_state",
+    "encode_ack",
+    "encode_batch",
+    "encode_state",
+    "journal_filter",
+    "lane_topic",
+    "parse_lane_topic",
+    "state_filter",
+]
 
 WIRE_VERSION = 1
-DEFAULT_ROOT = "retail"
 KINDS = frozenset({"sale", "return", "void"})
-# Head office refuses bigger messages outright; a lane's batches stay well below (sync.batch_bytes).
-MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
-MAX_BATCH_ENTRIES = 5000
 
 _IDENT = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _EPOCH = re.compile(r"[0-9a-f]{32}")
-_ROOT = re.compile(r"[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64}){0,3}")
 
 Leaf = Literal["journal", "ack", "state"]
 LEAVES: frozenset[str] = frozenset({"journal", "ack", "state"})
@@ -51,13 +76,6 @@ class WireError(LaneError):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-def check_root(root: str) -> str:
-    """``root`` if it is a usable topic root (no wildcards, no empty levels), else ValueError."""
-    if not _ROOT.fullmatch(root):
-        raise ValueError(f"topic root {root!r}: 1-4 levels of letters, digits, '_' or '-', separated by '/'")
-    return root
 
 
 def lane_topic(root: str, store: str, lane: str, leaf: Leaf) -> str:
@@ -93,17 +111,8 @@ def parse_lane_topic(root: str, topic: str) -> tuple[str, str, str] | None:
 # --- journal batches (lane -> head office) -------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class RawEntry:
-    """A journal row as the lane's store holds it; ``body`` is its JSON text, spliced in unchanged."""
-
-    seq: int
-    id: str
-    kind: str
-    at: str
-    rules_version: str
-    member_version: int
-    body: str
+# A journal row as the lane's store holds it, ``body`` its JSON text spliced in unchanged.
+RawEntry = JournalRow
 
 
 def encode_batch(store: str, lane: str, epoch: str, entries: Sequence[RawEntry]) -> bytes:

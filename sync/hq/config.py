@@ -17,7 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from agent.basket import issues_from_validation
 from agent.errors import ConfigError, Issue
-from sync.wire import DEFAULT_ROOT, check_root
+from agent.topics import DEFAULT_ROOT, check_root
 
 DEFAULT_PATH = Path("/etc/lane-hq/hq.toml")
 DEFAULT_DATABASE = "sqlite:////var/lib/lane-hq/hq.db"
