@@ -72,3 +72,19 @@ def test_the_example_file_is_valid_and_names_every_key() -> None:
         assert f"[{section}]" in text
         for key in model.model_fields:  # type: ignore[union-attr]
             assert key in text, f"[{section}] {key} is not in config/hq.example.toml"
+
+
+def test_run_with_an_unset_password_variable_exits_78(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LANE_HQ_TEST_PASSWORD", raising=False)
+    config = tmp_path / "hq.toml"
+    config.write_text('[broker]\nusername = "hq"\npassword_env = "LANE_HQ_TEST_PASSWORD"\n', encoding="utf-8")
+    assert main(["run", "--config", str(config)]) == 78
+    assert "LANE_HQ_TEST_PASSWORD is not set" in capsys.readouterr().err
+
+
+def test_a_password_without_a_user_is_refused() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_hq_config('[broker]\npassword_env = "X"\n')
+    assert caught.value.issues[0].code == "password_without_user"

@@ -17,15 +17,27 @@ from agent.errors import InputError, Issue
 from agent.logs import setup_logging
 from agent.ruleset import load_ruleset
 from sync.hq.audit import RulesetLibrary, audit_sale
-from sync.hq.config import DEFAULT_PATH, load_hq_config
+from sync.hq.config import DEFAULT_PATH, HqConfig, load_hq_config
 
 EXIT_CONFIG = 78
 
 
+def _load_for_run(path: str) -> tuple[HqConfig, RulesetLibrary]:
+    """The configuration, its rulesets and its secrets, all checked before anything opens."""
+    config = load_hq_config(path)
+    library = RulesetLibrary.load(config.rules.directory)
+    name = config.broker.password_env
+    if name is not None and config.password() is None:
+        raise InputError(
+            [Issue("broker.password_env", "env_unset", f"environment variable {name} is not set")],
+            what="configuration",
+        )
+    return config, library
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     try:
-        config = load_hq_config(args.config)
-        library = RulesetLibrary.load(config.rules.directory)
+        config, library = _load_for_run(args.config)
     except InputError as exc:
         print(f"lane-hq: invalid {exc.what}:", file=sys.stderr)
         for issue in exc.issues:

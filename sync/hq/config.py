@@ -152,6 +152,8 @@ def parse_hq_config(text: str, source: str = "<config>") -> HqConfig:
         path = getattr(broker, key)
         if path is not None and not path.is_absolute():
             issues.append(Issue(f"broker.{key}", "relative_path", "an absolute path", source))
+    if broker.password_env is not None and broker.username is None:
+        issues.append(Issue("broker.password_env", "password_without_user", "give username too", source))
     directory = config.rules.directory
     if directory is not None and not directory.is_dir():
         issues.append(Issue("rules.directory", "not_a_directory", f"{directory} is not a directory", source))

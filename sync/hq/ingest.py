@@ -76,9 +76,10 @@ class Ingest:
     def _client(self) -> aiomqtt.Client:
         b = self.broker
         tls = None
-        if b.tls_ca_file is not None:
+        # Any tls_* key turns TLS on, as on the lane (without a CA file: the system's trust store).
+        if any(path is not None for path in (b.tls_ca_file, b.tls_cert_file, b.tls_key_file)):
             tls = aiomqtt.TLSParameters(
-                ca_certs=str(b.tls_ca_file),
+                ca_certs=None if b.tls_ca_file is None else str(b.tls_ca_file),
                 certfile=None if b.tls_cert_file is None else str(b.tls_cert_file),
                 keyfile=None if b.tls_key_file is None else str(b.tls_key_file),
             )
