@@ -298,20 +298,18 @@ class Uplink:
     def _cut(self, rows: list[wire.RawEntry]) -> tuple[list[wire.RawEntry], bytes]:
         """The longest prefix of ``rows`` whose message fits ``batch_bytes`` (one entry at least), encoded."""
         limit = self.config.batch_bytes
-        empty = len(wire.encode_batch(self.store_id, self.lane_id, self._epoch, []))
-        size, count = empty, 0
-        for index, row in enumerate(rows):
-            grows = (
-                len(wire.encode_batch(self.store_id, self.lane_id, self._epoch, [row])) - empty + (1 if index else 0)
-            )
-            if index and size + grows > limit:
+        size = len(wire.join_batch(self.store_id, self.lane_id, self._epoch, []))
+        encoded: list[bytes] = []
+        for row in rows:
+            item = wire.encode_entry(self.store_id, self.lane_id, row)
+            grows = len(item) + (1 if encoded else 0)  # the comma before it
+            if encoded and size + grows > limit:
                 break
             size += grows
-            count += 1
-        if count == 1 and size > limit:
+            encoded.append(item)
+        if len(encoded) == 1 and size > limit:
             log.warning("journal entry seq %d alone is %d bytes, above sync.batch_bytes: sent alone", rows[0].seq, size)
-        kept = rows[:count]
-        return kept, wire.encode_batch(self.store_id, self.lane_id, self._epoch, kept)
+        return rows[: len(encoded)], wire.join_batch(self.store_id, self.lane_id, self._epoch, encoded)
 
     # --- acknowledgements -----------------------------------------------------------------------
 

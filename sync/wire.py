@@ -50,7 +50,9 @@ __all__ = [
     "decode_state",
     "encode_ack",
     "encode_batch",
+    "encode_entry",
     "encode_state",
+    "join_batch",
     "journal_filter",
     "lane_topic",
     "parse_lane_topic",
@@ -115,28 +117,25 @@ def parse_lane_topic(root: str, topic: str) -> tuple[str, str, str] | None:
 RawEntry = JournalRow
 
 
+def encode_entry(store: str, lane: str, entry: RawEntry) -> bytes:
+    """One entry of a journal message, UTF-8: the stored body text goes in as it is."""
+    return (
+        f'{{"v":1,"store":{json.dumps(store)},"lane":{json.dumps(lane)},"seq":{int(entry.seq)},'
+        f'"id":{json.dumps(entry.id)},"kind":{json.dumps(entry.kind)},"at":{json.dumps(entry.at)},'
+        f'"rules_version":{json.dumps(entry.rules_version)},"member_version":{int(entry.member_version)},'
+        f'"body":{entry.body}}}'
+    ).encode()
+
+
+def join_batch(store: str, lane: str, epoch: str, encoded: Sequence[bytes]) -> bytes:
+    """One journal message of entries already encoded (``encode_entry``), consecutive and in seq order."""
+    head = f'{{"v":1,"store":{json.dumps(store)},"lane":{json.dumps(lane)},"epoch":{json.dumps(epoch)},"entries":['
+    return head.encode() + b",".join(encoded) + b"]}"
+
+
 def encode_batch(store: str, lane: str, epoch: str, entries: Sequence[RawEntry]) -> bytes:
     """One journal message: the lane, its journal epoch and ``entries`` (consecutive, in seq order)."""
-    parts = [
-        '{"v":1,"store":',
-        json.dumps(store),
-        ',"lane":',
-        json.dumps(lane),
-        ',"epoch":',
-        json.dumps(epoch),
-        ',"entries":[',
-    ]
-    head = f'{{"v":1,"store":{json.dumps(store)},"lane":{json.dumps(lane)},"seq":'
-    for index, entry in enumerate(entries):
-        if index:
-            parts.append(",")
-        parts.append(
-            f'{head}{int(entry.seq)},"id":{json.dumps(entry.id)},"kind":{json.dumps(entry.kind)},'
-            f'"at":{json.dumps(entry.at)},"rules_version":{json.dumps(entry.rules_version)},'
-            f'"member_version":{int(entry.member_version)},"body":{entry.body}}}'
-        )
-    parts.append("]}")
-    return "".join(parts).encode()
+    return join_batch(store, lane, epoch, [encode_entry(store, lane, entry) for entry in entries])
 
 
 @dataclass(frozen=True, slots=True)

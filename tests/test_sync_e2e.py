@@ -94,8 +94,9 @@ def start_hq(hqs: list[Hq], directory: Path, broker: Broker, db_url: str, **opti
     return hq
 
 
-def start_lane(lanes: list[Lane], directory: Path, broker: Broker, **sync: object) -> Lane:
-    lane = Lane(directory, extra_config=sync_section(broker, **sync))
+def start_lane(lanes: list[Lane], directory: Path, broker: Broker | None, **sync: object) -> Lane:
+    """A lane agent syncing through ``broker``; without one, a lane that only journals."""
+    lane = Lane(directory, extra_config="" if broker is None else sync_section(broker, **sync))
     lane.import_members()
     lane.start()
     lanes.append(lane)
@@ -287,10 +288,7 @@ def test_duplicate_and_out_of_order_batches_are_applied_once_and_in_order(
     tmp_path: Path, broker: Broker, db_url: str, hqs: list[Hq], lanes: list[Lane]
 ) -> None:
     # A lane without sync makes the entries; the test delivers them as a misbehaving network would.
-    lane = Lane(tmp_path / "lane")
-    lane.import_members()
-    lane.start()
-    lanes.append(lane)
+    lane = start_lane(lanes, tmp_path / "lane", None)
     with lane.client() as client:
         for number in range(6):
             sell(client, f"S-{number}", member=number % 2 == 0)
@@ -423,10 +421,7 @@ def test_a_lane_killed_mid_drain_resumes_without_loss_or_duplicates(
 def test_a_tampered_sale_is_caught_by_the_audit(
     tmp_path: Path, broker: Broker, db_url: str, hqs: list[Hq], lanes: list[Lane]
 ) -> None:
-    lane = Lane(tmp_path / "lane")
-    lane.import_members()
-    lane.start()
-    lanes.append(lane)
+    lane = start_lane(lanes, tmp_path / "lane", None)
     with lane.client() as client:
         sell(client, "HONEST")
         sell(client, "TAMPERED")
