@@ -52,6 +52,7 @@ from drivers.registry import parse_device
 
 DEFAULT_PATH = Path("/etc/lane-agent/lane.toml")
 REDACTED = "***redacted***"
+_KEY_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -139,6 +140,14 @@ def _check_id(value: str) -> str:
             "invalid_id",
             "must be 1 to 32 characters, each a letter, digit, '_' or '-' (it becomes part of MQTT topics)",
         )
+    return value
+
+
+def _check_store_id(value: str) -> str:
+    _check_id(value)
+    if value.lower() == "hq":
+        # {root}/hq/... carries head office's member notices, hot list and rulesets.
+        raise PydanticCustomError("reserved_id", "'hq' is reserved for head office's topics")
     return value
 
 
@@ -237,6 +246,14 @@ def _parse_key(value: object) -> Secret[bytes]:
     return Secret(key)
 
 
+def parse_key_text(text: str) -> bytes | None:
+    """Key bytes from ``hex:…`` / ``base64:…`` text (as in the files), or None when it is not a valid key."""
+    try:
+        return _parse_key(text).reveal()
+    except PydanticCustomError:
+        return None
+
+
 def _parse_password(value: object) -> Secret[str]:
     if not isinstance(value, str):
         raise PydanticCustomError("string_type", "must be a string")
@@ -259,6 +276,32 @@ def _check_client_id(value: str) -> str:
         raise PydanticCustomError(
             "invalid_client_id", "must be 1 to 128 characters, each a letter, digit, '_', '.', ':' or '-'"
         )
+    return value
+
+
+def _check_hq_url(value: str) -> str:
+    scheme, sep, rest = value.partition("://")
+    host = rest.split("/", 1)[0].rsplit(":", 1)[0] if rest else ""
+    if scheme not in {"http", "https"} or not sep or not host:
+        raise PydanticCustomError(
+            "invalid_url", "an http:// or https:// URL of head office's API, e.g. 'https://hq:8780'"
+        )
+    if any(ch in value for ch in " ?#"):
+        raise PydanticCustomError("invalid_url", "a base URL without spaces, query or fragment")
+    return value.rstrip("/")
+
+
+def _check_public_keys(value: dict[str, str]) -> dict[str, str]:
+    if not value:
+        return value
+    for key_id, text in value.items():
+        if not _KEY_ID_RE.fullmatch(key_id):
+            raise PydanticCustomError("invalid_key_id", "key ids: 1-64 letters, digits, '.', '_' or '-'")
+        encoding, _, digits = text.partition(":")
+        if encoding != "hex" or not re.fullmatch(r"[0-9a-fA-F]{64}", digits):
+            raise PydanticCustomError(
+                "invalid_key", "an Ed25519 public key written 'hex:<64 hex digits>' (lane-hq rules keygen prints it)"
+            )
     return value
 
 
@@ -287,6 +330,7 @@ def is_loopback(host: str) -> bool:
 
 
 Ident = Annotated[str, AfterValidator(_check_id)]
+StoreIdent = Annotated[str, AfterValidator(_check_store_id)]
 TimeZoneName = Annotated[str, AfterValidator(_check_timezone)]
 EnvName = Annotated[str, AfterValidator(_check_env_name)]
 CredentialName = Annotated[str, AfterValidator(_check_credential_name)]
@@ -298,6 +342,8 @@ TopicRoot = Annotated[str, AfterValidator(_check_root)]
 ClientId = Annotated[str, AfterValidator(_check_client_id)]
 HostName = Annotated[str, AfterValidator(_check_host)]
 HashKey = Annotated[Secret[bytes], BeforeValidator(_parse_key)]
+HqUrl = Annotated[str, AfterValidator(_check_hq_url)]
+PublicKeys = Annotated[dict[str, str], AfterValidator(_check_public_keys)]
 
 
 class _Section(BaseModel):
@@ -312,7 +358,7 @@ class _Section(BaseModel):
 class LaneSection(_Section):
     """Who this lane is."""
 
-    store: Ident = Field(description="store id, as head office knows it; part of MQTT topics")
+    store: StoreIdent = Field(description="store id, as head office knows it; part of MQTT topics")
     lane: Ident = Field(description="lane (till) id, unique within the store; part of MQTT topics")
     timezone: TimeZoneName = Field(
         default=DEFAULT_TIMEZONE,
@@ -415,10 +461,30 @@ class OfflineSection(_Section):
         default="0.00", description="rebate money (decimal string) a member keeps that a lane may not spend offline"
     )
 
+    points_per_day: int = Field(
+        default=500,
+        ge=0,
+        le=1_000_000_000,
+        description="most points one member may spend per local day at this lane without a hold from head office",
+    )
+    rebate_per_day: MoneyText = Field(
+        default="50.00",
+        description="most rebate money (decimal string) one member may spend per day here without a hold",
+    )
+    single_use_coupons: Literal["refuse", "accept"] = Field(
+        default="refuse",
+        description="a single-use coupon tender head office cannot hold: refuse it, or accept it (reuse is flagged)",
+    )
+
     @property
     def rebate_floor_fen(self) -> int:
         """``rebate_floor`` in fen."""
         return parse_money(self.rebate_floor)
+
+    @property
+    def rebate_per_day_fen(self) -> int:
+        """``rebate_per_day`` in fen."""
+        return parse_money(self.rebate_per_day)
 
 
 class ReturnsSection(_Section):
@@ -443,7 +509,7 @@ class LoggingSection(_Section):
 class SyncSection(_Section):
     """The uplink: the journal to head office over MQTT (docs/lane-agent.md, "Sync (uplink)")."""
 
-    secrets: ClassVar[tuple[str, ...]] = ("password",)
+    secrets: ClassVar[tuple[str, ...]] = ("password", "hq_token")
 
     enabled: bool = Field(default=False, description="run the uplink; off, the journal only grows on this PC")
     host: HostName = Field(default=DEFAULT_HOST, description="MQTT broker host name or address")
@@ -504,6 +570,48 @@ class SyncSection(_Section):
     )
     backlog_warn_mb: int = Field(
         default=200, ge=0, le=1_048_576, description="warn from this many MB of unacknowledged entries on; 0: never"
+    )
+    # --- head office's HTTP API: member table, holds (docs/downlink.md) --------------------
+    hq_url: HqUrl | None = Field(
+        default=None, description="head office's HTTP API, e.g. 'https://hq:8780'; not set: no member fetch, no holds"
+    )
+    hq_token: Token | None = Field(
+        default=None, description="this lane's token for head office's API (lane-hq lanes token STORE LANE)"
+    )
+    hq_token_env: EnvName | None = Field(default=None, description="read hq_token from this environment variable")
+    hq_token_credential: CredentialName | None = Field(
+        default=None, description="read hq_token from this systemd credential"
+    )
+    hq_ca_file: AbsPath | None = Field(
+        default=None,
+        description="CA to verify head office's HTTPS certificate; default: tls_ca_file, else the system's",
+    )
+    http_timeout_seconds: float = Field(
+        default=10.0, ge=0.5, le=300.0, allow_inf_nan=False, description="timeout of each member-table request"
+    )
+    hold_timeout_seconds: float = Field(
+        default=1.5,
+        ge=0.1,
+        le=30.0,
+        allow_inf_nan=False,
+        description="longest a sale waits for head office to hold points, rebate or a coupon; then it is offline",
+    )
+    member_poll_seconds: float = Field(
+        default=60.0,
+        ge=1.0,
+        le=86_400.0,
+        allow_inf_nan=False,
+        description="ask head office for its member-table version this often, in case a notice was missed",
+    )
+    snapshot_after_changes: int = Field(
+        default=200_000,
+        ge=1,
+        le=1_000_000_000,
+        description="this many versions behind head office or more, fetch a whole snapshot instead of deltas",
+    )
+    rules_keys: PublicKeys = Field(
+        default_factory=dict,
+        description="head office's Ed25519 ruleset-signing public keys by key id; none: its rulesets are refused",
     )
 
     @property
@@ -700,6 +808,9 @@ def _check_sync(sync: SyncSection, source: str) -> list[Issue]:
         issues.append(
             Issue("sync.password", "inconsistent", "needs sync.username (MQTT sends no password alone)", source)
         )
+    if sync.hq_url is not None and sync.hq_token is None:
+        message = "is given without hq_token (or hq_token_env / hq_token_credential): head office's API needs it"
+        issues.append(Issue("sync.hq_url", "inconsistent", message, source))
     if sync.reconnect_max_seconds < sync.reconnect_min_seconds:
         message = f"is less than sync.reconnect_min_seconds ({sync.reconnect_min_seconds:g})"
         issues.append(Issue("sync.reconnect_max_seconds", "inconsistent", message, source))
