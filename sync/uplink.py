@@ -33,7 +33,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -70,6 +70,7 @@ class Uplink:
         *,
         rules_version: Callable[[], str] = lambda: "",
         rng: random.Random | None = None,
+        downlink: Mapping[wire.HqLeaf, Callable[[bytes], Awaitable[None]]] | None = None,
     ) -> None:
         self.config = config.sync
         self.store = store
@@ -80,6 +81,9 @@ class Uplink:
         self.journal_topic = wire.lane_topic(root, self.store_id, self.lane_id, "journal")
         self.ack_topic = wire.lane_topic(root, self.store_id, self.lane_id, "ack")
         self.state_topic = wire.lane_topic(root, self.store_id, self.lane_id, "state")
+        # Head office's retained notices ({root}/hq/members, hotlist, rules) ride on this
+        # connection: one session, one ACL identity per lane.  Each handler gets the raw payload.
+        self._downlink = {wire.hq_topic(root, leaf): handler for leaf, handler in (downlink or {}).items()}
         host = self.config.host
         self.broker = f"[{host}]:{self.config.port}" if ":" in host else f"{host}:{self.config.port}"
         self._rules_version = rules_version
@@ -187,6 +191,8 @@ class Uplink:
             self._reserved_session = None
             self.session = session
             await client.subscribe(self.ack_topic, qos=1, timeout=self.config.connect_timeout_seconds)
+            for topic in self._downlink:
+                await client.subscribe(topic, qos=1, timeout=self.config.connect_timeout_seconds)
             status = await self.store.status()
             self._restart_from(status.acked_seq)
             await self._publish_state(client, "online")
@@ -315,10 +321,21 @@ class Uplink:
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            if message.topic.value != self.ack_topic:
-                continue
             payload = message.payload
-            await self._on_ack(payload if isinstance(payload, bytes) else str(payload).encode())
+            data = payload if isinstance(payload, bytes) else str(payload).encode()
+            topic = message.topic.value
+            if topic == self.ack_topic:
+                await self._on_ack(data)
+                continue
+            handler = self._downlink.get(topic)
+            if handler is None:
+                continue
+            try:
+                await handler(data)
+            except Exception:
+                # A handler's bug must not take the journal's acks down with it; it reports its own
+                # refusals (bad signature, malformed notice) and this is only the last resort.
+                log.exception("the handler of %s failed on a %d-byte message", topic, len(data))
 
     async def _on_ack(self, payload: bytes) -> None:
         try:

@@ -85,6 +85,15 @@ def lane_topic(root: str, store: str, lane: str, leaf: Leaf) -> str:
     return f"{root}/{store}/{lane}/{leaf}"
 
 
+HqLeaf = Literal["members", "hotlist", "rules"]
+HQ_LEAVES: tuple[HqLeaf, ...] = ("members", "hotlist", "rules")
+
+
+def hq_topic(root: str, leaf: HqLeaf) -> str:
+    """``{root}/hq/{leaf}``: head office's retained notices to every lane (docs/downlink.md)."""
+    return f"{root}/hq/{leaf}"
+
+
 def journal_filter(root: str, share_group: str | None = None) -> str:
     """The subscription head office takes for every lane's journal, shared when a group is given."""
     topic = f"{root}/+/+/journal"
@@ -306,11 +315,20 @@ class Ack:
 
     epoch: str
     seq: int
+    #: head office's member version after the commit (None from a head office that does not say)
+    member_version: int | None = None
 
 
-def encode_ack(store: str, lane: str, epoch: str, seq: int) -> bytes:
-    """The acknowledgement head office publishes (retained) after its commit."""
-    return json.dumps({"v": WIRE_VERSION, "store": store, "lane": lane, "epoch": epoch, "seq": seq}).encode()
+def encode_ack(store: str, lane: str, epoch: str, seq: int, member_version: int | None = None) -> bytes:
+    """The acknowledgement head office publishes (retained) after its commit.
+
+    ``member_version``: head office's member-table version once the batch's balance changes are
+    committed; the lane retires the entries' own spend only when its cache has reached it.
+    """
+    doc: dict[str, object] = {"v": WIRE_VERSION, "store": store, "lane": lane, "epoch": epoch, "seq": seq}
+    if member_version is not None:
+        doc["member_version"] = member_version
+    return json.dumps(doc).encode()
 
 
 def decode_ack(store: str, lane: str, payload: bytes) -> Ack:
@@ -325,7 +343,12 @@ def decode_ack(store: str, lane: str, payload: bytes) -> Ack:
         raise WireError("bad_epoch", "epoch: 32 lowercase hex digits")
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
         raise WireError("bad_seq", "seq: an integer from 0")
-    return Ack(epoch=epoch, seq=seq)
+    member_version = doc.get("member_version")
+    if member_version is not None and (
+        not isinstance(member_version, int) or isinstance(member_version, bool) or member_version < 0
+    ):
+        raise WireError("bad_member_version", "member_version: an integer from 0")
+    return Ack(epoch=epoch, seq=seq, member_version=member_version)
 
 
 # --- lane state (retained) -------------------------------------------------------------

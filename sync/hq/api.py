@@ -7,10 +7,12 @@ OpenAPI at ``/docs``.
 from __future__ import annotations
 
 import html
+from collections.abc import Iterable
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.responses import HTMLResponse, Response
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import HTTPException
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.money import format_fen
@@ -42,8 +44,21 @@ def _lane_doc(row: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-def create_hq_app(owner: DbOwner, metrics: HqMetrics) -> FastAPI:
+async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+    # Errors as the lanes' POS API gives them: {"error": {"code", "message"}}.
+    detail: Any = exc.detail
+    if not isinstance(detail, dict):
+        detail = {"code": f"http_{exc.status_code}", "message": str(detail)}
+    return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+def create_hq_app(owner: DbOwner, metrics: HqMetrics, routers: Iterable[APIRouter] = ()) -> FastAPI:
+    """The API; ``routers`` add the lanes' routes (member table, holds) and the administration."""
     app = FastAPI(title="lane-hq", version="1", description="Head office of the lane membership agents")
+    for router in routers:
+        app.include_router(router)
+
+    app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
