@@ -39,6 +39,7 @@ from agent.errors import (
     LaneError,
     SaleConflictError,
     SaleStateError,
+    SpendRefusedError,
     StoreBusyError,
     StoreFullError,
     UnknownSaleError,
@@ -198,7 +199,7 @@ def _status_of(exc: LaneError) -> int:
         return 422
     if isinstance(exc, UnknownSaleError):
         return 404
-    if isinstance(exc, SaleConflictError | SaleStateError):
+    if isinstance(exc, SaleConflictError | SaleStateError | SpendRefusedError):
         return 409
     if isinstance(exc, StoreFullError):
         return 507
@@ -218,6 +219,8 @@ def _lane_error(metrics: Metrics, exc: LaneError) -> JSONBody:
     if status == 500:
         log.error("store failure: %s", exc)
     field = "sale_id" if isinstance(exc, SaleStateError | SaleConflictError) else ""
+    if isinstance(exc, SpendRefusedError):
+        field = exc.field
     return error_response(status, exc.code, str(exc), field, headers=headers)
 
 

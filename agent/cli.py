@@ -4,7 +4,9 @@ Exit codes: 0 success, 1 an input was invalid (every problem printed to
 stderr with file, key and reason), 2 a usage error (argparse's own), 3 the
 lane's store failed (damaged database, full disk, locked); ``run`` exits 78
 (EX_CONFIG) for an invalid configuration or ruleset and 4 when it cannot
-listen on its address (``agent/run_cli.py``).
+listen on its address (``agent/run_cli.py``); ``doctor`` exits 0 all ok, 1
+warnings only, 2 a check failed, 78 an invalid configuration
+(``agent/doctor_cli.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 from agent.basket import Member, parse_basket, parse_member
 from agent.config_cli import add_config_parser, run_config
 from agent.devices_cli import add_devices_parsers, run_devices, run_probe
+from agent.doctor_cli import add_doctor_parser, run_doctor
 from agent.engine import price
 from agent.errors import InputError, Issue
 from agent.render import explain, to_wire
@@ -91,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_members_parser(sub)
     add_run_parser(sub)
     add_devices_parsers(sub)
+    add_doctor_parser(sub)
 
     rules = sub.add_parser("rules", help="ruleset tools")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
@@ -118,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "run": lambda: run_daemon(args),
             "devices": lambda: run_devices(args),
             "probe": lambda: run_probe(args),
+            "doctor": lambda: run_doctor(args),
             "price": lambda: _cmd_price(args),
         }
         return commands[args.command]()

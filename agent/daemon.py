@@ -11,8 +11,10 @@ the store answers, so a wedged database thread gets the agent restarted),
 ``store-gauges`` (backlog and disk metrics, the low-disk warning),
 ``checkpoint`` (WAL into the database file every second, off the sales' path),
 ``device:<name>`` per configured card reader or scanner (``agent.devices``),
-``sync-uplink`` when ``[sync] enabled = true`` (``sync.uplink``) and
-``signals``.  SIGTERM or SIGINT stops the API from accepting, lets requests
+``rules`` (switches to a pending ruleset from head office at its time,
+``sync.rules_downlink``), ``sync-uplink`` when ``[sync] enabled = true``
+(``sync.uplink``), ``member-sync`` when ``hq_url`` is set too (``sync.downlink``)
+and ``signals``.  SIGTERM or SIGINT stops the API from accepting, lets requests
 in flight finish (their commits included) for up to ``GRACE_SECONDS``, ends
 the event streams, stops the uplink (its offline state published, the
 connection closed), then closes the store, which checkpoints the WAL.
@@ -42,6 +44,9 @@ from agent.sdnotify import SystemdNotifier
 from agent.service import LaneService
 from agent.store import LaneStore
 from drivers import registry
+from sync.downlink import MemberSync
+from sync.holds_client import HqHolds
+from sync.rules_downlink import RulesKeeper
 from sync.uplink import Uplink
 
 log = logging.getLogger(__name__)
@@ -81,7 +86,9 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(config: LaneConfig, ruleset: Ruleset, notifier: SystemdNotifier | None = None) -> None:
+async def serve(  # noqa: PLR0915 - the supervisor's wiring reads best in one place
+    config: LaneConfig, ruleset: Ruleset, notifier: SystemdNotifier | None = None
+) -> None:
     """Run the lane agent until SIGTERM or SIGINT."""
     notifier = notifier or SystemdNotifier.from_env()
     store_config = config.store
@@ -93,12 +100,31 @@ async def serve(config: LaneConfig, ruleset: Ruleset, notifier: SystemdNotifier 
     ) as store:
         events = EventBus()
         metrics = Metrics()
-        service = LaneService(config, store, ruleset, events)
+        # Head office's signed rulesets kept beside the database; one in force may win over rules.path.
+        rules = RulesKeeper(config, metrics, store_config.path.parent / "rules", lambda new: _price_with(service, new))
+        service = LaneService(config, store, rules.load(ruleset), events)
+        service.rules_status = rules.status
+        # Head office holds points, rebate and single-use coupons before a sale spends them (docs/downlink.md).
+        holds = None if config.sync.hq_url is None else HqHolds(config, metrics)
+        service.holds = holds
         hub = DeviceHub(service, config.devices, registry.build)
         uplink = None
+        # The member table and the hot list from head office: with the uplink (the notices ride on its
+        # connection) and head office's API (the data comes over HTTP).
+        members = MemberSync(config, store, metrics) if config.sync.enabled and config.sync.hq_url else None
         if config.sync.enabled:
-            uplink = Uplink(config, store, metrics, rules_version=lambda: service.ruleset.version)
+            uplink = Uplink(
+                config,
+                store,
+                metrics,
+                rules_version=lambda: service.ruleset.version,
+                downlink={"rules": rules.on_message, **(members.downlink() if members is not None else {})},
+                member_version=None if members is None else members.caught_up,
+            )
             service.sync_status = uplink.status
+            if members is not None:
+                members.on_caught_up = uplink.members_reached
+                service.members_status = members.status
         app = create_app(
             service,
             metrics,
@@ -135,11 +161,14 @@ async def serve(config: LaneConfig, ruleset: Ruleset, notifier: SystemdNotifier 
                     group.create_task(_watchdog(service, notifier), name="watchdog"),
                     group.create_task(_gauges(service, metrics), name="store-gauges"),
                     group.create_task(_checkpoints(store), name="checkpoint"),
+                    group.create_task(rules.run(), name="rules"),
                     *hub.start(group),
                 ]
                 syncing = None if uplink is None else group.create_task(uplink.run(), name="sync-uplink")
                 if syncing is not None:
                     helpers.append(syncing)
+                if members is not None:
+                    helpers.append(group.create_task(members.run(), name="member-sync"))
                 signals = group.create_task(stop.wait(), name="signals")
                 await asyncio.wait([api, signals], return_when=asyncio.FIRST_COMPLETED)
                 log.info("stopping: finishing requests in flight")
@@ -157,7 +186,14 @@ async def serve(config: LaneConfig, ruleset: Ruleset, notifier: SystemdNotifier 
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
             sock.close()
+            if holds is not None:
+                await holds.aclose()
     log.info("stopped; the store is closed")
+
+
+def _price_with(service: LaneService, ruleset: Ruleset) -> None:
+    """Head office's ruleset took effect: replaced whole, so a sale being priced keeps the one it started with."""
+    service.ruleset = ruleset
 
 
 async def _announce(server: uvicorn.Server, service: LaneService, notifier: SystemdNotifier) -> None:

@@ -72,6 +72,22 @@ class ConfigError(InputError):
     code = "invalid_config"
 
 
+class SpendRefusedError(LaneError):
+    """A tender head office refused to hold, or one this lane may not take without it (POS API: 409).
+
+    ``code`` is the reason (``insufficient_points``, ``insufficient_rebate``,
+    ``coupon_used``, ``coupon_held``, ``unknown_member``, ``offline_limit``);
+    the message is the cashier's.  Nothing was committed.
+    """
+
+    code = "spend_refused"
+
+    def __init__(self, code: str, message: str, *, field: str = "tenders") -> None:
+        super().__init__(message)
+        self.code = code
+        self.field = field
+
+
 class StoreError(LaneError):
     """The lane's SQLite store failed; ``path`` names the database file when known."""
 
@@ -110,6 +126,17 @@ class AckError(StoreError):
     """Head office acknowledged a sequence number this lane never wrote."""
 
     code = "bad_ack"
+
+
+class MemberGapError(StoreError):
+    """A member delta starts above the lane's member-table version: the changes between would be missing."""
+
+    code = "member_gap"
+
+    def __init__(self, message: str, *, have: int, start: int, path: str = "") -> None:
+        self.have = have
+        self.start = start
+        super().__init__(message, path=path)
 
 
 class SaleConflictError(StoreError):

@@ -77,4 +77,49 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        # Signed rulesets from head office (sync/rules_downlink.py).
+        self.rules_rejected = Counter(
+            "lane_rules_rejected",
+            "head-office rulesets refused, by code (bad_signature, stale_serial, …: docs/downlink.md)",
+            ["code"],
+            registry=r,
+        )
+        self.rules_serial = Gauge(
+            "lane_rules_serial", "serial of the head-office ruleset in force (0: the rules.path file)", registry=r
+        )
+        # Redemption holds at head office (sync/holds_client.py).
+        self.holds = Counter(
+            "lane_holds",
+            "holds asked of head office, by result (held, refused, offline, released...)",
+            ["result"],
+            registry=r,
+        )
+        # The member table and the hot list from head office (sync/downlink.py); the cached version is
+        # lane_member_table_version above.
+        self.member_head_version = Gauge(
+            "lane_member_head_version", "head office's member-table version, as last heard (0: not yet)", registry=r
+        )
+        self.member_behind = Gauge(
+            "lane_member_behind", "member-table versions the cache is behind head office (as last heard)", registry=r
+        )
+        self.member_fetch_errors = Counter(
+            "lane_member_fetch_errors",
+            "member-table fetches that failed, by code (unreachable, timeout, http_NNN, bad_delta, member_gap, …)",
+            ["code"],
+            registry=r,
+        )
+        self.member_deltas = Counter("lane_member_deltas_applied", "member-delta pages applied", registry=r)
+        self.member_delta_members = Counter(
+            "lane_member_delta_members", "member lines of applied pages that replaced the cached member", registry=r
+        )
+        self.member_snapshots = Counter("lane_member_snapshots", "member snapshots downloaded and imported", registry=r)
+        self.member_notices_rejected = Counter(
+            "lane_member_notices_rejected",
+            "member and hot-list notices refused, by topic and code (bad_json, bad_envelope, …)",
+            ["topic", "code"],
+            registry=r,
+        )
+        self.member_hot_cards = Gauge(
+            "lane_member_hot_cards", "hot-list cards kept (those the member cache has not caught up with)", registry=r
+        )
         self.sync_last_ack_age.set(float("nan"))

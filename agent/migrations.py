@@ -143,6 +143,67 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE lane_state ADD COLUMN sync_session INTEGER NOT NULL DEFAULT 0",
         ),
     ),
+    Migration(
+        3,
+        "member downlink: hot list, own earned points, member sync state",
+        (
+            # Lost, replaced and cancelled cards from head office's hot list, as the cards table keys
+            # them.  An entry overrides the cached card while its version is above the cached member's:
+            # a member delta at or above it supersedes it (and prunes it).  Small (the hot list's size).
+            """CREATE TABLE hot_cards (
+                card_hash BLOB PRIMARY KEY,
+                member_id TEXT NOT NULL,
+                state TEXT NOT NULL CHECK (state IN ('lost', 'replaced', 'cancelled')),
+                version INTEGER NOT NULL CHECK (version >= 1),
+                received_at TEXT NOT NULL
+            ) STRICT, WITHOUT ROWID""",
+            # Points this lane's entries earned (a sale, positive) or took back (a void, negative) that
+            # head office has not acknowledged: the till shows cached + earned - spent.  A void's row
+            # counts while the void itself is unacknowledged, whatever became of its sale.
+            """CREATE TABLE own_earned (
+                seq INTEGER PRIMARY KEY REFERENCES journal (seq),
+                member_id TEXT NOT NULL,
+                points INTEGER NOT NULL
+            ) STRICT""",
+            "CREATE INDEX own_earned_by_member ON own_earned (member_id, seq)",
+            # What this lane's unacknowledged sales and voids earned before this migration.
+            """INSERT INTO own_earned (seq, member_id, points)
+                SELECT s.seq, s.member_id, SUM(l.points) FROM sales AS s
+                JOIN sale_lines AS l ON l.sale_id = s.sale_id
+                WHERE s.member_id IS NOT NULL AND s.seq > (SELECT acked_seq FROM lane_state)
+                GROUP BY s.sale_id HAVING SUM(l.points) != 0""",
+            """INSERT INTO own_earned (seq, member_id, points)
+                SELECT s.void_seq, s.member_id, -SUM(l.points) FROM sales AS s
+                JOIN sale_lines AS l ON l.sale_id = s.sale_id
+                WHERE s.member_id IS NOT NULL AND s.void_seq > (SELECT acked_seq FROM lane_state)
+                GROUP BY s.sale_id HAVING SUM(l.points) != 0""",
+            # The member sync's last word, for GET /v1/status across restarts: head office's version as
+            # last heard, when the cache last caught up with it, the last failure, the hot list's version.
+            "ALTER TABLE lane_state ADD COLUMN member_head_version INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE lane_state ADD COLUMN member_synced_at TEXT",
+            "ALTER TABLE lane_state ADD COLUMN member_sync_error TEXT",
+            "ALTER TABLE lane_state ADD COLUMN hotlist_version INTEGER NOT NULL DEFAULT 0",
+        ),
+    ),
+    Migration(
+        4,
+        "offline spends per member and local day",
+        (
+            # What this lane let a member spend without a hold from head office (docs/downlink.md), by
+            # the sale's local day: the offline allowance (offline.points_per_day / rebate_per_day) is
+            # checked against it in the sale's own transaction.  A voided sale's row stops counting
+            # (joined with sales.void_seq).  Unlike own_spend it outlives head office's acknowledgement.
+            """CREATE TABLE offline_spend (
+                seq INTEGER PRIMARY KEY REFERENCES journal (seq),
+                sale_id TEXT NOT NULL REFERENCES sales (sale_id),
+                member_id TEXT NOT NULL,
+                day TEXT NOT NULL,
+                points INTEGER NOT NULL CHECK (points >= 0),
+                rebate_fen INTEGER NOT NULL CHECK (rebate_fen >= 0)
+            ) STRICT""",
+            "CREATE INDEX offline_spend_by_member_day ON offline_spend (member_id, day)",
+        ),
+    ),
 )
 
 

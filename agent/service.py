@@ -11,15 +11,24 @@ Balances: a member may spend points and rebate money down to the cached
 balance, less what this lane spent that head office has not acknowledged,
 less the offline floors.  The engine checks tenders against the member it is
 given, so it is given exactly that (``_spendable``).
+
+Redemption holds: with head office's API configured (``sync.hq_url``), a
+sale whose tenders spend points, rebate money or a single-use coupon asks
+head office to hold them after pricing and before its commit
+(``agent.holds``; docs/downlink.md).  Refused: 409, nothing committed.  No
+answer: the lane's offline allowance decides, checked in the commit's
+transaction.  The journal entry says which (``hold``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +40,7 @@ from agent.config import LaneConfig
 from agent.engine import PricedBasket, price
 from agent.errors import InputError, Issue, SaleConflictError, UnknownSaleError
 from agent.events import EventBus, Source
+from agent.holds import HoldPort, HoldRequest, Spend, check_offline_coupons, check_offline_day, refused, spend_of
 from agent.money import format_fen, format_qty
 from agent.pos_models import IdentifyIn, ReturnIn, SaleIn, VoidIn
 from agent.render import to_wire
@@ -100,7 +110,14 @@ class LaneService:
         self._started_monotonic = time.monotonic()
         # The uplink's live figures (sync.uplink.Uplink.status), set by the daemon when [sync] is enabled.
         self.sync_status: Callable[[], Mapping[str, Any]] | None = None
+        # Where the ruleset came from, previous, pending, last refusal (sync.rules_downlink.RulesKeeper.status).
+        self.rules_status: Callable[[], Mapping[str, Any]] | None = None
+        # The member sync's live figures (sync.downlink.MemberSync.status), set by the daemon when it runs.
+        self.members_status: Callable[[], Mapping[str, Any]] | None = None
         self._backlog_warned: set[str] = set()
+        # Head office's redemption holds (sync.holds_client.HqHolds), set by the daemon when sync.hq_url is.
+        self.holds: HoldPort | None = None
+        self._releases: set[asyncio.Task[None]] = set()
 
     def now(self) -> dt.datetime:
         return self._clock().astimezone(self.zone)
@@ -115,7 +132,8 @@ class LaneService:
             if found is None:
                 return self._reject("unknown", source)
             member, spend = found
-            return self._accept(member, spend, None, source, today)
+            earned = await self.store.unsynced_earned(member.member_id)
+            return self._accept(member, spend, None, source, today, earned)
         try:
             card_hash = self.store.card_hash(request.code)
         except ValueError:
@@ -127,7 +145,8 @@ class LaneService:
         use = record.use_on(today)
         if use != "ok":
             return self._reject(use, source, member_id=record.member.member_id)
-        return self._accept(record.member, spend, record, source, today)
+        earned = await self.store.unsynced_earned(record.member.member_id)
+        return self._accept(record.member, spend, record, source, today, earned)
 
     def reject_unreadable(self, source: Source, detail: str) -> Identified:
         """A device read nothing usable (a half swipe, a forged QR code): the POS hears why, nobody is matched."""
@@ -150,18 +169,28 @@ class LaneService:
         return Identified(document, rejected=True)
 
     def _accept(
-        self, member: Member, spend: tuple[int, int], card: CardRecord | None, source: Source, today: dt.date
+        self,
+        member: Member,
+        spend: tuple[int, int],
+        card: CardRecord | None,
+        source: Source,
+        today: dt.date,
+        earned: int,
     ) -> Identified:
         available = self._spendable(member, spend)
+        # Shown: head office's balance as cached, less this lane's unacknowledged spends, plus the points its
+        # unacknowledged sales earned (docs/downlink.md, "Balances at the till"); spendable stays without them.
+        points_shown = max(member.points_balance + earned - spend[0], 0)
+        rebate_shown = max(member.rebate_fen - spend[1], 0)
         tier = member.tier_on(today)
         summary = {
             "member_id": member.member_id,
             "tier": tier,
             "tier_label": self._tier_label(tier),
             "card_kind": member.card_kind,
-            "points_balance": member.points_balance,
+            "points_balance": points_shown,
             "points_available": available.points_balance,
-            "rebate_balance": format_fen(member.rebate_fen),
+            "rebate_balance": format_fen(rebate_shown),
             "rebate_available": format_fen(available.rebate_fen),
             "birthday_today": member.birthday == (today.month, today.day),
             "next_tier": member.next_tier if member.next_tier_from and member.next_tier_from > today else None,
@@ -234,6 +263,9 @@ class LaneService:
         response, so the result is not stored twice).
         """
         digest = request_digest(body)
+        # One ruleset for the whole sale: head office may switch it while the hold is asked, and the
+        # entry must name the version the result was priced with, or the audit reports a mismatch.
+        ruleset = self.ruleset
         stored, found = await self.store.sale_context(request.sale_id, request.member_id)
         if stored is not None:
             # Decided before pricing: a retry is answered as first committed (the member's balance has
@@ -246,34 +278,83 @@ class LaneService:
                 raise _issue("member_id", "unknown_member", f"this lane has no member {request.member_id!r}")
             member = self._spendable(*found)
         basket: Basket = dataclasses.replace(request.to_basket(), at=at)
-        priced = price(basket, member, self.ruleset, at)
+        priced = price(basket, member, ruleset, at)
         if priced.unpaid_fen:
             paid, due = format_fen(priced.net_fen - priced.unpaid_fen), format_fen(priced.net_fen)
             message = f"the tenders pay {paid} of {due} due: list every tender taken, cash included"
             raise _issue("tenders", "tenders_short", message, "sale")
+        spend = spend_of(priced)
+        # Asked after every local check, before the commit: a refusal leaves nothing behind.
+        hold = await self._hold(request.sale_id, member, spend, at) if self.holds is not None and spend else None
         result = json_text(to_wire(priced))
         head = self._entry(
-            "sale", sale_id=request.sale_id, request=body, member=None if member is None else _member_doc(member)
+            "sale",
+            ruleset=ruleset,
+            sale_id=request.sale_id,
+            request=body,
+            member=None if member is None else _member_doc(member),
+            **({} if hold is None else {"hold": hold.document}),
         )
         entry = json_text(head)[:-1] + ',"result":' + result + "}"
         envelope = {"sale_id": request.sale_id, "status": "committed"}
-        _, replayed = await self.store.commit_sale(
-            request.sale_id,
-            digest,
-            entry,
-            envelope,
-            at=at,
-            rules_version=self.ruleset.version,
-            member_id=None if member is None else member.member_id,
-            points_spent=sum(t.points or 0 for t in priced.tenders if t.kind == "points"),
-            rebate_spent_fen=sum(t.amount_fen for t in priced.tenders if t.kind == "rebate"),
-            lines=_sold_lines(priced),
-        )
+        try:
+            _, replayed = await self.store.commit_sale(
+                request.sale_id,
+                digest,
+                entry,
+                envelope,
+                at=at,
+                rules_version=ruleset.version,
+                member_id=None if member is None else member.member_id,
+                points_spent=spend.points,
+                rebate_spent_fen=spend.rebate_fen,
+                lines=_sold_lines(priced),
+                offline_day=None if hold is None else hold.offline_day,
+                offline_check=None if hold is None else hold.offline_check,
+            )
+        except Exception:
+            # Not committed (a cancelled commit may have been: its hold is left to lapse or be consumed).
+            self._release(request.sale_id, hold)
+            raise
         if replayed:  # the same request committed by a concurrent call since sale_context looked
+            self._release(request.sale_id, hold)  # that call's entry carries its own hold
             again = await self.store.find_sale(request.sale_id)
             assert again is not None
             return self._replay(again, digest), True
         return _answer(envelope, result), False
+
+    async def _hold(self, sale_id: str, member: Member | None, spend: Spend, at: dt.datetime) -> _SaleHold:
+        """Head office's hold for what the sale spends, or what this lane may spend without one (docs/downlink.md).
+
+        Refused by head office, or beyond the offline allowance: SpendRefusedError (409).
+        """
+        assert self.holds is not None
+        member_id = None if member is None else member.member_id
+        hold_id = str(uuid.uuid4())  # new for every attempt: a retry after a failed commit asks afresh
+        answer = await self.holds.hold(HoldRequest(hold_id, sale_id, member_id, spend))
+        if answer.result == "held":
+            return _SaleHold({"id": hold_id}, hold_id)
+        if answer.result == "refused":
+            raise refused(answer)
+        offline = self.config.offline
+        check_offline_coupons(spend, offline)
+        if member_id is None:
+            return _SaleHold({"offline": True})
+        day = at.astimezone(self.zone).date()
+
+        def within_allowance(used: tuple[int, int]) -> None:  # run inside the commit's transaction
+            check_offline_day(member_id, spend, used, offline, day)
+
+        return _SaleHold({"offline": True}, offline_day=day, offline_check=within_allowance)
+
+    def _release(self, sale_id: str, hold: _SaleHold | None) -> None:
+        """Release, in the background, the hold of a sale that was not committed (best effort, logged)."""
+        if hold is None or hold.hold_id is None or self.holds is None:
+            return
+        log.info("sale %s not committed: releasing hold %s", sale_id, hold.hold_id)
+        task = asyncio.create_task(self.holds.release(hold.hold_id), name=f"release-hold-{hold.hold_id}")
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
 
     def _replay(self, stored: SaleRecord, digest: str) -> str:
         if stored.request_digest != digest:
@@ -282,14 +363,15 @@ class LaneService:
             )
         return _answer(stored.response, json_text(stored.entry["result"]))
 
-    def _entry(self, kind: str, **body: Any) -> dict[str, Any]:
-        """A journal body: what head office receives (and re-prices, for sales)."""
+    def _entry(self, kind: str, *, ruleset: Ruleset | None = None, **body: Any) -> dict[str, Any]:
+        """A journal body: what head office receives (and re-prices, for sales), naming ``ruleset``."""
+        rules = ruleset or self.ruleset
         return {
             "v": ENTRY_VERSION,
             "kind": kind,
             "store": self.config.lane.store,
             "lane": self.config.lane.lane,
-            "rules": {"id": self.ruleset.id, "version": self.ruleset.version, "digest": self.ruleset.digest},
+            "rules": {"id": rules.id, "version": rules.version, "digest": rules.digest},
             **body,
         }
 
@@ -340,7 +422,7 @@ class LaneService:
             }
             for line in priced.lines
         ]
-        response = {
+        response: dict[str, Any] = {
             "return_id": request.return_id,
             "sale_id": request.sale_id,
             "status": "committed",
@@ -413,7 +495,12 @@ class LaneService:
             },
             "now": now.isoformat(),
             "business_day": now.date().isoformat(),
-            "rules": {"id": self.ruleset.id, "version": self.ruleset.version, "digest": self.ruleset.digest},
+            "rules": {
+                "id": self.ruleset.id,
+                "version": self.ruleset.version,
+                "digest": self.ruleset.digest,
+                **(self.rules_status() if self.rules_status is not None else {}),
+            },
             "member_table": {
                 "version": store.member_version,
                 "created": store.snapshot_created,
@@ -421,6 +508,8 @@ class LaneService:
                 "cards": store.cards,
                 "card_key_ok": store.card_key_ok,
             },
+            "versions": {"rules": self.ruleset.version, "member_table": store.member_version},
+            "members": self._members_status(store),
             "journal": {
                 "epoch": store.journal_epoch,
                 "last_seq": store.last_seq,
@@ -436,6 +525,23 @@ class LaneService:
             "devices": devices or [],
             "events": {"subscribers": self.events.subscribers},
             "sync": self._sync_status(store, backlog),
+        }
+
+    def _members_status(self, store: StoreStatus) -> dict[str, Any]:
+        """The member table against head office's (docs/lane-agent.md, "Member table and hot list")."""
+        live = self.members_status() if self.members_status is not None else {}
+        head = live.get("head_version")
+        return {
+            "enabled": self.members_status is not None,
+            "version": store.member_version,  # the store's, which a `members import` may also have moved
+            "head_version": head,
+            "behind": None if head is None else max(head - store.member_version, 0),
+            "last_sync_at": live.get("last_sync_at"),
+            "last_error": live.get("last_error"),
+            "snapshot_in_progress": bool(live.get("snapshot_in_progress", False)),
+            "snapshot_bytes": live.get("snapshot_bytes"),
+            "hotlist_version": live.get("hotlist_version"),
+            "hot_cards": live.get("hot_cards"),
         }
 
     def _sync_status(self, store: StoreStatus, backlog: BacklogStats) -> dict[str, Any]:
@@ -495,6 +601,16 @@ def _unknown_sale(sale_id: str) -> UnknownSaleError:
 def _answer(envelope: Mapping[str, Any], result: str) -> str:
     """A sale's answer: its envelope (sale_id, status) then the priced result's keys, as JSON text."""
     return json_text(dict(envelope))[:-1] + "," + result[1:]
+
+
+@dataclass(frozen=True, slots=True)
+class _SaleHold:
+    """A sale's ``hold`` in its journal entry, and for an offline spend the allowance checked at commit."""
+
+    document: dict[str, Any]
+    hold_id: str | None = None
+    offline_day: dt.date | None = None
+    offline_check: Callable[[tuple[int, int]], None] | None = None
 
 
 def _sold_lines(priced: PricedBasket) -> list[SoldLine]:

@@ -33,7 +33,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -48,6 +48,7 @@ from agent.errors import (
     AckError,
     InputError,
     Issue,
+    MemberGapError,
     ReturnError,
     SaleConflictError,
     SaleHasReturnsError,
@@ -62,15 +63,19 @@ from agent.money import format_qty
 from agent.returns import Returned, SoldLine
 
 # card_hash is re-exported: head office and the lanes share one definition.
-from agent.snapshot import MIN_KEY_BYTES, IssueList, SnapshotReader, card_hash, key_check
+from agent.snapshot import MIN_KEY_BYTES, IssueList, MemberDelta, SnapshotReader, card_hash, key_check, read_delta
 
 __all__ = [
     "BacklogStats",
     "CardRecord",
+    "DeltaResult",
+    "HotCard",
+    "HotlistResult",
     "ImportResult",
     "JournalEntry",
     "JournalRow",
     "LaneStore",
+    "MemberSyncState",
     "SaleRecord",
     "StoreStatus",
     "card_hash",
@@ -497,21 +502,39 @@ class LaneStore:
     async def _stage(self, reader: SnapshotReader, chunk_members: int) -> tuple[int, int]:
         issues = IssueList()
         members = cards = 0
-        while True:
-            # Parsing and inserting take turns on purpose: overlapped, the two threads fight over
-            # the GIL (sqlite3 drops it for every statement) and the import took 60 % longer.
-            chunk = await asyncio.to_thread(reader.chunk, chunk_members)
-            issues.extend(chunk.issues)
-            if chunk.members or chunk.cards:
-                staged = partial(store_import.stage_chunk, chunk=chunk, source=reader.name)
-                issues.extend(await self._run(staged, "import"))
-                members += len(chunk.members)
-                cards += len(chunk.cards)
-            if chunk.done:
-                break
+        encoder = store_import.StageEncoder()
+
+        def read() -> store_import.EncodedChunk:
+            return encoder.encode(reader.chunk(chunk_members))
+
+        # Double-buffered: the next chunk is read and checked (Python, holding the GIL) in a worker
+        # thread while this one is inserted, which SQLite does from JSON without the GIL.
+        reading = asyncio.ensure_future(asyncio.to_thread(read))
+        try:
+            while True:
+                encoded = await reading
+                chunk = encoded.chunk
+                if not chunk.done:
+                    reading = asyncio.ensure_future(asyncio.to_thread(read))
+                issues.extend(chunk.issues)
+                if chunk.members or chunk.cards:
+                    staged = partial(store_import.stage_chunk, encoded=encoded, source=reader.name)
+                    issues.extend(await self._run(staged, "import"))
+                    members += len(chunk.members)
+                    cards += len(chunk.cards)
+                if chunk.done:
+                    break
+        finally:
+            if not reading.done():
+                await asyncio.wait([reading])  # the worker reads the file, which the caller closes next
+            if not reading.cancelled():
+                reading.exception()  # retrieved: a failure of a read nobody waits for any more is not news
         for partition in range(store_import.PARTITIONS):
-            build = partial(store_import.build_cards, partition=partition, source=reader.name)
+            build = partial(
+                store_import.build_cards, partition=partition, staged=encoder.counts[partition], source=reader.name
+            )
             issues.extend(await self._run(build, "import"))
+        await self._run(store_import.drop_stage, "import")
         if issues:
             raise InputError(issues.report(), what="member snapshot")
         return members, cards
@@ -545,6 +568,8 @@ class LaneStore:
         rebate_spent_fen: int = 0,
         lines: Sequence[SoldLine] = (),
         member_version: int | None = None,
+        offline_day: dt.date | None = None,
+        offline_check: Callable[[tuple[int, int]], None] | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """Journal a sale durably; returns ``(response, replayed)``.
 
@@ -557,6 +582,11 @@ class LaneStore:
         own spend, counted by ``unsynced_spend`` until head office acknowledges
         it.  ``member_version`` defaults to the cached member table's version.
         Raises SaleConflictError for a known ``sale_id`` with another digest.
+
+        ``offline_day``: the member's points and rebate are spent without a
+        hold from head office, on that local day (``offline_spent``);
+        ``offline_check(spent that day so far)`` runs in the same transaction
+        and raises to refuse the sale (the lane's offline allowance).
         """
         if points_spent < 0 or rebate_spent_fen < 0:
             raise ValueError("spends are not negative")
@@ -570,6 +600,7 @@ class LaneStore:
             (sale_id, line.line_id, position, line.qty, line.net_fen, line.points)
             for position, line in enumerate(lines)
         ]
+        earned = sum(line.points for line in lines)
 
         def commit(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
             row = conn.execute("SELECT request_digest, response FROM sales WHERE sale_id = ?", (sale_id,)).fetchone()
@@ -587,9 +618,18 @@ class LaneStore:
                     "INSERT INTO own_spend VALUES (?, ?, ?, ?, ?)",
                     (seq, member_id, points_spent, rebate_spent_fen, seq),
                 )
+            if member_id is not None and earned:
+                conn.execute("INSERT INTO own_earned VALUES (?, ?, ?)", (seq, member_id, earned))
+            if offline_day is not None and member_id is not None:
+                spent = (points_spent, rebate_spent_fen)
+                _spend_offline(conn, seq, sale_id, member_id, offline_day, spent, offline_check)
             return json.loads(stored), False
 
         return self._appended(await self._write(commit, "sale commit"))
+
+    async def offline_spent(self, member_id: str, day: dt.date) -> tuple[int, int]:
+        """``(points, rebate_fen)`` this lane let the member spend without a hold on local ``day`` (voids excepted)."""
+        return await self._run(lambda conn: _offline_spent(conn, member_id, day), "offline spend lookup")
 
     async def find_sale(self, sale_id: str) -> SaleRecord | None:
         """A committed sale by the POS's id, or None."""
@@ -756,6 +796,8 @@ class LaneStore:
                 conn.execute(
                     "INSERT INTO own_spend VALUES (?, ?, ?, ?, ?)", (seq, member_id, -points, -rebate, sale_seq)
                 )
+            if member_id is not None:
+                _take_back_earned(conn, seq, sale_id, member_id)
             return json.loads(stored), False
 
         return self._appended(await self._write(void, "void commit"))
@@ -906,13 +948,106 @@ class LaneStore:
         rows = await self._run(lambda conn: conn.execute("PRAGMA integrity_check").fetchall(), "integrity check")
         return [str(row[0]) for row in rows]
 
+    # --- member downlink (docs/downlink.md) ------------------------------------------
+
+    async def apply_member_delta(self, path: str | os.PathLike[str]) -> DeltaResult:
+        """Apply one page of head office's member changes (a ``member-delta`` file), all or nothing.
+
+        The page is read and checked whole first (InputError lists every
+        problem; nothing changes).  Then, in one transaction: each member line
+        whose version is above the cached member's replaces the member and all
+        its cards (a card another member had moves), a line at or below it is
+        skipped (a re-delivery), superseded hot-list entries are dropped and
+        the member-table version becomes the page's ``to`` (never lower).  A
+        page starting above the cached version raises MemberGapError.
+        """
+        started = time.perf_counter()
+        async with self._import_lock:  # never in the middle of a snapshot import
+            delta = await asyncio.to_thread(read_delta, path, self._card_key)
+            existing = await self._run(partial(_members_to_replace, delta=delta), "member delta")
+            # The card table has no index by member (agent/migrations.py says why): finding the replaced
+            # members' cards reads it whole, on a connection of its own so that sales do not wait for it.
+            old_cards = await asyncio.to_thread(_cards_of, self.path, existing, self._busy_timeout_ms)
+            apply = partial(_apply_delta, delta=delta, old_cards=old_cards, path=self.path)
+            result = await self._write(apply, "member delta")
+        result = replace(result, seconds=time.perf_counter() - started)
+        log.info(
+            "member delta %s applied: versions %d-%d (head %d), %d member(s) replaced, %d skipped, in %.3f s",
+            delta.source,
+            result.after,
+            result.to,
+            result.head,
+            result.applied,
+            result.skipped,
+            result.seconds,
+        )
+        return result
+
+    async def apply_hotlist(self, version: int, cards: Sequence[HotCard]) -> HotlistResult:
+        """Keep head office's lost / replaced / cancelled cards (one transaction).
+
+        An entry replaces a kept one for the same card only with a higher
+        version.  Entries the cache already reflects (the card's member cached
+        at the entry's version or later) are dropped at once.
+        """
+
+        def apply(conn: sqlite3.Connection) -> HotlistResult:
+            now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+            rows = [(c.card_hash, c.member_id, c.state, c.version, now) for c in cards]
+            stored = conn.executemany(_UPSERT_HOT, rows).rowcount if rows else 0
+            pruned = conn.execute(_PRUNE_HOT).rowcount
+            conn.execute("UPDATE lane_state SET hotlist_version = ?", (version,))
+            active = int(conn.execute("SELECT count(*) FROM hot_cards").fetchone()[0])
+            return HotlistResult(version, len(rows), max(stored, 0), pruned, active)
+
+        return await self._write(apply, "hot list")
+
+    async def prune_hot_cards(self) -> int:
+        """Drop the hot-list entries the member cache has caught up with (after a snapshot import); how many."""
+        return await self._write(lambda conn: conn.execute(_PRUNE_HOT).rowcount, "hot list")
+
+    async def unsynced_earned(self, member_id: str) -> int:
+        """Points this lane's unacknowledged sales earned the member, less what its unacknowledged voids took back."""
+        row = await self._run(lambda conn: conn.execute(_UNSYNCED_EARNED, (member_id,)).fetchone(), "earned lookup")
+        return int(row[0])
+
+    async def member_sync_state(self) -> MemberSyncState:
+        """What the member sync last recorded, and the hot list kept."""
+
+        def read(conn: sqlite3.Connection) -> MemberSyncState:
+            version, head, synced, error, hotlist = conn.execute(
+                "SELECT member_version, member_head_version, member_synced_at, member_sync_error, hotlist_version"
+                " FROM lane_state"
+            ).fetchone()
+            hot = int(conn.execute("SELECT count(*) FROM hot_cards").fetchone()[0])
+            return MemberSyncState(version, head, synced, None if error is None else json.loads(error), hotlist, hot)
+
+        return await self._run(read, "member sync state")
+
+    async def note_member_sync(self, *, head: int | None = None, error: Mapping[str, Any] | None = None) -> None:
+        """Record head office's version as heard, and the outcome: ``error`` (code, message, at), or success now."""
+
+        def note(conn: sqlite3.Connection) -> None:
+            if head is not None:
+                conn.execute("UPDATE lane_state SET member_head_version = ?", (head,))
+            if error is None:
+                now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+                conn.execute("UPDATE lane_state SET member_synced_at = ?, member_sync_error = NULL", (now,))
+            else:
+                conn.execute("UPDATE lane_state SET member_sync_error = ?", (json_text(dict(error)),))
+
+        await self._write(note, "member sync state")
+
 
 # --- on the connection's thread ------------------------------------------------
 
 _LOOKUP_CARD = (
-    "SELECT c.card_kind, c.state, c.valid_from, c.valid_until, m.member_id, m.tier, m.next_tier, m.next_tier_from,"
-    " m.birthday, m.points_balance, m.rebate_fen, m.member_version"
-    " FROM cards AS c JOIN members AS m ON m.member_id = c.member_id WHERE c.card_hash = ?"
+    "SELECT c.card_kind, COALESCE(h.state, c.state), c.valid_from, c.valid_until, m.member_id, m.tier, m.next_tier,"
+    " m.next_tier_from, m.birthday, m.points_balance, m.rebate_fen, m.member_version"
+    " FROM cards AS c JOIN members AS m ON m.member_id = c.member_id"
+    # A hot-list entry newer than the cached member overrides the card's cached state (docs/downlink.md).
+    " LEFT JOIN hot_cards AS h ON h.card_hash = c.card_hash AND h.version > m.member_version"
+    " WHERE c.card_hash = ?"
 )
 _GET_MEMBER = (
     "SELECT card_kind, member_id, tier, next_tier, next_tier_from, birthday, points_balance, rebate_fen, member_version"
@@ -926,6 +1061,35 @@ _UNSYNCED_SPEND = (
     "SELECT COALESCE(SUM(o.points), 0), COALESCE(SUM(o.rebate_fen), 0) FROM own_spend AS o, lane_state AS s"
     " WHERE o.member_id = ? AND o.seq > s.acked_seq AND o.origin_seq > s.acked_seq"
 )
+
+
+_OFFLINE_SPENT = (
+    "SELECT COALESCE(SUM(o.points), 0), COALESCE(SUM(o.rebate_fen), 0) FROM offline_spend AS o"
+    " JOIN sales AS s ON s.sale_id = o.sale_id WHERE o.member_id = ? AND o.day = ? AND s.void_seq IS NULL"
+)
+
+
+def _offline_spent(conn: sqlite3.Connection, member_id: str, day: dt.date) -> tuple[int, int]:
+    row = conn.execute(_OFFLINE_SPENT, (member_id, day.isoformat())).fetchone()
+    return int(row[0]), int(row[1])
+
+
+def _spend_offline(
+    conn: sqlite3.Connection,
+    seq: int,
+    sale_id: str,
+    member_id: str,
+    day: dt.date,
+    spend: tuple[int, int],
+    check: Callable[[tuple[int, int]], None] | None,
+) -> None:
+    """Inside a sale's transaction: check the day's offline allowance, then count this sale against it."""
+    if check is not None:
+        check(_offline_spent(conn, member_id, day))
+    if spend[0] or spend[1]:
+        conn.execute(
+            "INSERT INTO offline_spend VALUES (?, ?, ?, ?, ?, ?)", (seq, sale_id, member_id, day.isoformat(), *spend)
+        )
 
 
 def _find_sale(conn: sqlite3.Connection, sale_id: str) -> SaleRecord | None:
@@ -1060,3 +1224,185 @@ def _check_return_limits(conn: sqlite3.Connection, sale_id: str, back: Mapping[s
             )
     if issues:
         raise ReturnError(issues, what="return")
+
+
+# --- member downlink (docs/downlink.md) ----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HotCard:
+    """One card of head office's hot list: lost, replaced or cancelled as of member version ``version``."""
+
+    card_hash: bytes
+    member_id: str
+    state: Literal["lost", "replaced", "cancelled"]
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class HotlistResult:
+    """What ``apply_hotlist`` did: entries received, new or newer ones kept, superseded ones dropped, now kept."""
+
+    version: int
+    received: int
+    stored: int
+    pruned: int
+    active: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaResult:
+    """What one member-delta page did to the cache."""
+
+    source: str
+    after: int
+    to: int
+    head: int
+    version: int  # the member-table version now
+    applied: int  # member lines that replaced the cached member
+    skipped: int  # member lines the cache already had (at their version or newer)
+    cards: int  # cards the applied lines carry
+    hot_pruned: int
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class MemberSyncState:
+    """The member sync's record in the store (``lane_state``), for the status across restarts."""
+
+    version: int
+    head_version: int
+    synced_at: str | None
+    error: dict[str, Any] | None
+    hotlist_version: int
+    hot_cards: int
+
+
+_UNSYNCED_EARNED = (
+    "SELECT COALESCE(SUM(e.points), 0) FROM own_earned AS e, lane_state AS s"
+    " WHERE e.member_id = ? AND e.seq > s.acked_seq"
+)
+_UPSERT_HOT = (
+    "INSERT INTO hot_cards (card_hash, member_id, state, version, received_at) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (card_hash) DO UPDATE SET member_id = excluded.member_id, state = excluded.state,"
+    " version = excluded.version, received_at = excluded.received_at WHERE excluded.version > hot_cards.version"
+)
+# An entry is superseded once the card's member (or, for a card the cache no longer has, the member the entry
+# names) is cached at the entry's version or later: the cached card state then already says what it says.
+_PRUNE_HOT = (
+    "DELETE FROM hot_cards WHERE version <= COALESCE("
+    "(SELECT m.member_version FROM cards AS c JOIN members AS m ON m.member_id = c.member_id"
+    " WHERE c.card_hash = hot_cards.card_hash),"
+    " (SELECT m.member_version FROM members AS m WHERE m.member_id = hot_cards.member_id), 0)"
+)
+_MEMBER_COLUMNS = (
+    "member_id, tier, card_kind, next_tier, next_tier_from, birthday, points_balance, rebate_fen, member_version"
+)
+_CARD_COLUMNS = "card_hash, member_id, card_kind, state, valid_from, valid_until"
+
+
+def _take_back_earned(conn: sqlite3.Connection, seq: int, sale_id: str, member_id: str) -> None:
+    """A void takes back what its sale earned: counted while the void is unacknowledged (head office's
+    balance has the sale's points once the sale is acknowledged, until the void reaches it)."""
+    earned = conn.execute("SELECT COALESCE(SUM(points), 0) FROM sale_lines WHERE sale_id = ?", (sale_id,)).fetchone()
+    if earned[0]:
+        conn.execute("INSERT INTO own_earned (seq, member_id, points) VALUES (?, ?, ?)", (seq, member_id, -earned[0]))
+
+
+def _members_to_replace(conn: sqlite3.Connection, delta: MemberDelta) -> list[str]:
+    """The page's members the cache holds at an older version: those whose cached cards must go."""
+    lines = {row[0]: row[8] for row in delta.members}
+    if not lines:
+        return []
+    cached = conn.execute(
+        "SELECT member_id, member_version FROM members WHERE member_id IN (SELECT value FROM json_each(?))",
+        (json.dumps(list(lines)),),
+    ).fetchall()
+    return [member_id for member_id, version in cached if version < lines[member_id]]
+
+
+def _cards_of(path: Path, member_ids: Sequence[str], busy_timeout_ms: int) -> dict[str, list[bytes]]:
+    """The cached cards of ``member_ids`` (blocking: one scan of the card table on a connection of its own)."""
+    if not member_ids:
+        return {}
+    try:
+        conn = sqlite3.connect(str(path), timeout=busy_timeout_ms / 1000, isolation_level=None)
+        try:
+            rows = conn.execute(
+                "SELECT card_hash, member_id FROM cards WHERE member_id IN (SELECT value FROM json_each(?))",
+                (json.dumps(list(member_ids)),),
+            ).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise _translate(exc, path, "member delta") from exc
+    found: dict[str, list[bytes]] = {}
+    for card, member_id in rows:
+        found.setdefault(member_id, []).append(card)
+    return found
+
+
+def _apply_delta(
+    conn: sqlite3.Connection, delta: MemberDelta, old_cards: Mapping[str, Sequence[bytes]], path: Path
+) -> DeltaResult:
+    """One page, inside the caller's BEGIN IMMEDIATE (any error rolls all of it back)."""
+    header = delta.header
+    have = int(conn.execute("SELECT member_version FROM lane_state").fetchone()[0])
+    if header.from_ > have:
+        raise MemberGapError(
+            f"{path}: the member delta starts after version {header.from_}, but the cache is at {have}:"
+            " the changes between would be missing; fetch from the cache's version",
+            have=have,
+            start=header.from_,
+            path=str(path),
+        )
+    cards_of: dict[str, list[tuple[Any, ...]]] = {}
+    for card_row in delta.cards:
+        cards_of.setdefault(card_row[1], []).append(card_row)
+    applied = skipped = added = cards = card_change = 0
+    for row in delta.members:
+        member_id, version = row[0], row[8]
+        cached = conn.execute("SELECT member_version FROM members WHERE member_id = ?", (member_id,)).fetchone()
+        if cached is not None and cached[0] >= version:
+            skipped += 1  # a re-delivery, or a page older than what a later one brought
+            continue
+        added += cached is None
+        for old in old_cards.get(member_id, ()):
+            # Re-checked by member: a card an earlier line of this page moved away stays where it went.
+            card_change -= conn.execute(
+                "DELETE FROM cards WHERE card_hash = ? AND member_id = ?", (old, member_id)
+            ).rowcount
+        conn.execute(f"INSERT OR REPLACE INTO members ({_MEMBER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)  # noqa: S608
+        for card_row in cards_of.get(member_id, ()):
+            # A card another member had moves to this one.
+            card_change -= conn.execute("DELETE FROM cards WHERE card_hash = ?", (card_row[0],)).rowcount
+            conn.execute(f"INSERT INTO cards ({_CARD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", card_row)  # noqa: S608
+            card_change += 1
+            cards += 1
+        applied += 1
+    pruned = conn.execute(_PRUNE_HOT).rowcount
+    version = max(have, header.to)
+    conn.execute(
+        "UPDATE lane_state SET member_version = ?, member_head_version = ?, member_synced_at = ?,"
+        " member_sync_error = NULL, member_count = member_count + ?, card_count = card_count + ?,"
+        " card_key_check = COALESCE(card_key_check, ?)",
+        (
+            version,
+            header.head,
+            dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+            added,
+            card_change,
+            header.key_check,
+        ),
+    )
+    return DeltaResult(
+        source=delta.source,
+        after=header.from_,
+        to=header.to,
+        head=header.head,
+        version=version,
+        applied=applied,
+        skipped=skipped,
+        cards=cards,
+        hot_pruned=pruned,
+    )

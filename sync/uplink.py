@@ -12,7 +12,9 @@ The exactly-once contract, lane side (docs/protocol.md):
   sent and not yet acknowledged by head office.
 - A PUBACK proves nothing (a broker acknowledges publishes its ACL dropped, and
   drops messages for a slow subscriber).  Only head office's own ack on
-  ``{root}/{store}/{lane}/ack`` (retained) moves the store's ``acked_seq``.
+  ``{root}/{store}/{lane}/ack`` (retained) moves the store's ``acked_seq``;
+  with the member sync running, only once the member cache has reached the
+  ack's ``member_version`` (``_hold_back``).
 - After every (re)connection, and whenever acks stall for
   ``resend_after_seconds`` with batches in flight, sending starts again after
   the last ack; head office skips what it already has by seq and id.
@@ -71,6 +73,7 @@ class Uplink:
         rules_version: Callable[[], str] = lambda: "",
         rng: random.Random | None = None,
         downlink: Mapping[wire.HqLeaf, Callable[[bytes], Awaitable[None]]] | None = None,
+        member_version: Callable[[], int] | None = None,
     ) -> None:
         self.config = config.sync
         self.store = store
@@ -84,6 +87,10 @@ class Uplink:
         # Head office's retained notices ({root}/hq/members, hotlist, rules) ride on this
         # connection: one session, one ACL identity per lane.  Each handler gets the raw payload.
         self._downlink = {wire.hq_topic(root, leaf): handler for leaf, handler in (downlink or {}).items()}
+        # With the member sync running: the member-table version the cache has fully caught up with, and
+        # the newest ack held back until it reaches the ack's member_version (see _hold_back).
+        self._member_version = member_version
+        self._held: wire.Ack | None = None
         host = self.config.host
         self.broker = f"[{host}]:{self.config.port}" if ":" in host else f"{host}:{self.config.port}"
         self._rules_version = rules_version
@@ -349,10 +356,8 @@ class Uplink:
                 "wrong_epoch", "ack of seq %d for epoch %s ignored: this journal is %s", ack.seq, ack.epoch, self._epoch
             )
             return
-        try:
-            acked = await self.store.mark_acked(ack.seq)
-        except AckError as exc:
-            self._reject("beyond_last", "ack ignored: %s", exc)
+        acked = await self._record(ack)
+        if acked is None:
             return
         if acked <= self._acked:
             log.debug("ack of seq %d: nothing new (acked %d)", ack.seq, acked)
@@ -375,6 +380,56 @@ class Uplink:
         self.metrics.sync_last_ack_age.set(0)
         log.debug("head office acknowledged seq %d", acked)
         self._wake.set()  # room in flight
+
+    async def _record(self, ack: wire.Ack) -> int | None:
+        """Record ``ack`` in the store, or hold it back for the member cache; the seq it acknowledges, or None."""
+        wanted = ack.member_version
+        if self._member_version is not None and wanted is not None and self._member_version() < wanted:
+            return await self._hold_back(ack)
+        try:
+            acked = await self.store.mark_acked(ack.seq)
+        except AckError as exc:
+            self._reject("beyond_last", "ack ignored: %s", exc)
+            return None
+        if self._held is not None and self._held.seq <= acked:
+            self._held = None
+        return acked
+
+    async def _hold_back(self, ack: wire.Ack) -> int | None:
+        """Take ``ack`` for the send window now, and record it in the store only once the cache has caught up.
+
+        docs/lane-store.md, "Own spend": a recorded ack stops counting the
+        entries' spend and earned points as this lane's own, but the cached
+        balance shows them only once the member cache reaches the version head
+        office committed them at (the ack's ``member_version``).  Recording it
+        earlier would let a member spend the same points twice meanwhile (the
+        cache not yet less them, the lane no longer counting them).  So the
+        newest such ack waits here, and ``members_reached`` records it.
+        """
+        last = (await self.store.status()).last_seq
+        if ack.seq > last:
+            self._reject("beyond_last", "ack of seq %d ignored: this lane's journal ends at %d", ack.seq, last)
+            return None
+        if self._held is None or ack.seq >= self._held.seq:
+            self._held = ack
+        log.debug("ack of seq %d held until the member table reaches version %s", ack.seq, ack.member_version)
+        if self._member_version is not None:
+            await self.members_reached(self._member_version())  # it may have got there while the status was read
+        return ack.seq
+
+    async def members_reached(self, version: int) -> None:
+        """The member cache has caught up with head office's ``version``: record the ack held back for it."""
+        held = self._held
+        if held is None or held.member_version is None or held.member_version > version:
+            return
+        if self._held is held:
+            self._held = None
+        try:
+            acked = await self.store.mark_acked(held.seq)
+        except AckError as exc:
+            self._reject("beyond_last", "held ack ignored: %s", exc)
+            return
+        log.debug("held ack of seq %d recorded (member table at version %d): acked %d", held.seq, version, acked)
 
     def _reject(self, reason: str, message: str, *args: object) -> None:
         self.metrics.sync_acks_rejected.labels(reason).inc()

@@ -83,10 +83,24 @@ def test_status_reports_the_lane_its_versions_and_journal(client: httpx.Client, 
     status = client.get("/v1/status").json()
     assert status["lane"] == {"store": "store-0101", "lane": "lane-03", "timezone": "Asia/Shanghai"}
     rules = load_ruleset(lane.rules)
-    assert status["rules"] == {"id": rules.id, "version": rules.version, "digest": rules.digest}
+    # The lane's own file (rules.path): no ruleset from head office yet, none pending, none refused.
+    assert status["rules"] == {
+        "id": rules.id,
+        "version": rules.version,
+        "digest": rules.digest,
+        "source": "file",
+        "serial": None,
+        "effective_from": None,
+        "previous": None,
+        "pending": None,
+        "last_rejected": None,
+    }
     assert status["member_table"]["version"] == 7
     assert status["member_table"]["members"] == 3
     assert status["member_table"]["card_key_ok"] is True
+    assert status["versions"] == {"rules": rules.version, "member_table": 7}
+    members = status["members"]  # no member sync without [sync] hq_url: only the cache's own version
+    assert (members["enabled"], members["version"], members["behind"]) == (False, 7, None)
     assert status["journal"]["backlog"] == status["journal"]["last_seq"] - status["journal"]["acked_seq"]
     assert status["store"]["disk_free_bytes"] > 0
     assert dt.datetime.fromisoformat(status["now"]).utcoffset() == dt.timedelta(hours=8)
@@ -289,7 +303,8 @@ def test_rebate_spends_count_against_the_balance_until_head_office_acknowledges(
     doc["tenders"] = [{"kind": "rebate", "amount": "30.00"}, {"kind": "cash", "amount": cash}]
     assert client.post("/v1/sales", json=doc).status_code == 200, doc
     summary = client.post("/v1/identify", json={"code": GOLD_CARD}).json()["member"]
-    assert summary["rebate_balance"] == "35.20"  # head office's figure, until the next member update
+    # Shown: head office's cached figure less this lane's unacknowledged spend (docs/downlink.md).
+    assert summary["rebate_balance"] == "5.20"
     assert summary["rebate_available"] == "5.20"
     doc2 = basket(member_id="M000123", sale_id="sale-rebate-2")
     net2 = priced_net(client, doc2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,13 +42,23 @@ def test_demo_explains_every_sample_scenario_then_runs_a_store_that_syncs() -> N
     out = done.stdout
     assert "broker stopped: the lanes keep selling offline" in out
     assert "broker back; backlogs to drain" in out
+    assert "each lane took them from head office's snapshot over HTTP" in out
+    # The card reported lost at head office mid-run: every lane refuses it, each within seconds.
+    assert "reported lost (lane-hq cards lost)" in out
+    refusals = re.findall(r"(lane-0\d) refuses the lost card (\d+\.\d+) s after head office's change", out)
+    assert [name for name, _ in refusals] == ["lane-01", "lane-02", "lane-03"], out
+    assert all(float(seconds) < 5 for _, seconds in refusals), refusals
     rows = [line.split() for line in out.splitlines() if line.startswith("  lane-0")]
     assert [row[0] for row in rows] == ["lane-01", "lane-02", "lane-03"]
-    for name, sold, at_hq, _net, _discount, _points, backlog, _lag, dups, dead, audit in rows:
+    versions = set()
+    for name, sold, at_hq, _net, _discount, _points, backlog, _lag, dups, dead, audit, member_version in rows:
         assert int(sold) > 0, name
         assert int(at_hq) == int(sold), name
         assert (int(backlog), int(dead), int(audit)) == (0, 0, 0), name
         assert int(dups) >= 0
+        versions.add(int(member_version))
+    # Every lane's cache converged on head office's one version (the import, the sales' balances, the loss).
+    assert len(versions) == 1, versions
     assert "head office dashboard: http://127.0.0.1:" in out
 
 

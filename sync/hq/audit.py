@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from agent.pos_models import SaleIn
 from agent.render import to_wire
 from agent.ruleset import Ruleset, load_ruleset
 from agent.store import json_text
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,28 +72,50 @@ AuditStatus = Literal["ok", "mismatch", "unknown_rules", "unreadable"]
 
 
 class RulesetLibrary:
-    """Every ruleset version head office has published, by ``(id, version)``, each checked by its digest."""
+    """Every ruleset version head office has published, by ``(id, version)``, each checked by its digest.
 
-    def __init__(self, rulesets: Iterable[Ruleset] = ()) -> None:
+    Loaded from ``rules.directory`` at start-up; a version not found is looked for again among
+    the directory's new or changed files, so a ruleset ``lane-hq rules publish`` copied there
+    while ``lane-hq run`` is running is audited without a restart.
+    """
+
+    def __init__(self, rulesets: Iterable[Ruleset] = (), directory: Path | None = None) -> None:
         self._by_version: dict[tuple[str, str], Ruleset] = {}
         for ruleset in rulesets:
             self._by_version[ruleset.id, ruleset.version] = ruleset
+        self._directory = directory
+        self._seen: dict[Path, int] = {}  # file -> st_mtime_ns when last read (valid or not)
 
     @classmethod
     def load(cls, directory: Path | None) -> RulesetLibrary:
         """Every ``*.toml`` ruleset in ``directory`` (none when None); InputError lists files that do not validate."""
         if directory is None:
             return cls()
-        rulesets: list[Ruleset] = []
-        issues: list[Issue] = []
-        for path in sorted(directory.glob("*.toml")):
-            try:
-                rulesets.append(load_ruleset(path))
-            except InputError as exc:
-                issues.extend(exc.issues)
+        library = cls(directory=directory)
+        issues = library._scan()
         if issues:
             raise InputError(issues, what="ruleset")
-        return cls(rulesets)
+        return library
+
+    def _scan(self) -> list[Issue]:
+        """Read the directory's files not read yet (or changed since); the problems of those that do not validate."""
+        assert self._directory is not None
+        issues: list[Issue] = []
+        for path in sorted(self._directory.glob("*.toml")):
+            try:
+                stamp = path.stat().st_mtime_ns
+            except OSError:
+                continue
+            if self._seen.get(path) == stamp:
+                continue
+            self._seen[path] = stamp
+            try:
+                ruleset = load_ruleset(path)
+            except InputError as exc:
+                issues.extend(exc.issues)
+                continue
+            self._by_version[ruleset.id, ruleset.version] = ruleset
+        return issues
 
     def __len__(self) -> int:
         return len(self._by_version)
@@ -98,6 +123,11 @@ class RulesetLibrary:
     def find(self, ruleset_id: str, version: str, digest: str | None = None) -> Ruleset | None:
         """The ruleset a lane reported, or None when head office has no such version (or another text of it)."""
         ruleset = self._by_version.get((ruleset_id, version))
+        if ruleset is None and self._directory is not None:
+            # Published since start-up?  Files that do not validate stay out, as they would fail start-up.
+            for issue in self._scan():
+                log.warning("ruleset library: %s", issue)
+            ruleset = self._by_version.get((ruleset_id, version))
         if ruleset is None or (digest is not None and digest != ruleset.digest):
             return None
         return ruleset

@@ -1,13 +1,17 @@
 """``lane-hq``: head office's command line.
 
 Exit codes: 0 success, 1 invalid input or an audit mismatch, 2 usage error,
-78 (EX_CONFIG) for ``run`` with an invalid configuration or ruleset directory.
+78 (EX_CONFIG) for ``run`` with an invalid configuration or ruleset directory
+(and ``lanes token`` without a lanes' secret; see sync/hq/certs_cli.py).
+``rules publish``: 1 invalid ruleset, 3 broker unreachable, 78 configuration
+or signing key (sync/hq/rules_publish.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,8 +20,10 @@ from agent.cli import EXIT_INVALID, check_rules, quiet_broken_pipe
 from agent.errors import InputError, Issue
 from agent.logs import setup_logging
 from agent.ruleset import load_ruleset
+from sync.hq import certs_cli, members_cli, rules_publish
 from sync.hq.audit import RulesetLibrary, audit_sale
 from sync.hq.config import DEFAULT_PATH, HqConfig, load_hq_config
+from sync.hq.lane_api import check_snapshot_directory
 
 EXIT_CONFIG = 78
 
@@ -32,6 +38,18 @@ def _load_for_run(path: str) -> tuple[HqConfig, RulesetLibrary]:
             [Issue("broker.password_env", "env_unset", f"environment variable {name} is not set")],
             what="configuration",
         )
+    if config.api.tls_cert_file is not None and config.api.tls_key_file is not None:
+        # Loaded here so that a missing or mismatched file is a configuration error, not a crash of the API task.
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                config.api.tls_cert_file, config.api.tls_key_file
+            )
+        except OSError as exc:  # ssl.SSLError included
+            message = f"cannot load the HTTPS certificate and key: {exc}"
+            raise InputError([Issue("api.tls_cert_file", "tls_unusable", message)], what="configuration") from exc
+    issues = check_snapshot_directory(config, path)
+    if issues:
+        raise InputError(issues, what="configuration")
     return config, library
 
 
@@ -73,6 +91,11 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_INVALID if mismatched else 0
 
 
+def _cmd_rules(args: argparse.Namespace) -> int:
+    signing = {"keygen": rules_publish.cmd_keygen, "publish": rules_publish.cmd_publish}.get(args.rules_command)
+    return check_rules(args.files) if signing is None else signing(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lane-hq", description="Head office of the lane membership agents")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,11 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
     check = rules_sub.add_parser("check", help="validate ruleset files")
     check.add_argument("files", nargs="+", metavar="FILE")
+    rules_publish.add_rules_parsers(rules_sub)
     run = sub.add_parser("run", help="run head office: journal ingest, audit, HTTP API")
     run.add_argument("--config", default=str(DEFAULT_PATH), metavar="FILE", help=f"default {DEFAULT_PATH}")
     audit = sub.add_parser("audit", help="re-price reported sales and list every difference")
     audit.add_argument("--rules", required=True, metavar="FILE", help="the ruleset version the lane reported")
     audit.add_argument("sales", nargs="+", metavar="SALE", help="JSON: {basket, member, result}")
+    certs_cli.add_parsers(sub)
+    members_cli.add_parsers(sub)
     return parser
 
 
@@ -93,10 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "rules":
-            return check_rules(args.files)
+            return _cmd_rules(args)
         if args.command == "run":
             return _cmd_run(args)
-        return _cmd_audit(args)
+        if args.command in {"certs", "lanes"}:
+            return certs_cli.run(args)
+        return members_cli.run(args) if args.command in {"members", "cards"} else _cmd_audit(args)
     except InputError as exc:
         print(f"lane-hq: invalid {exc.what}:", file=sys.stderr)
         for issue in exc.issues:

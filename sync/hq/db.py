@@ -50,6 +50,8 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from sync.hq import schema
 from sync.hq.facts import FactError, Facts, ReturnFacts, SaleFacts, VoidFacts, extract, ledger_moves, storable
+from sync.hq.holds import settle_sales
+from sync.hq.members import MemberTable, apply_movements
 from sync.hq.schema import (
     AUDIT_STATUSES,
     SchemaError,
@@ -95,6 +97,12 @@ class Applied:
     dead: int
     gap: bool
     sales_applied: int
+    #: head office's member version after the commit (the ack carries it; docs/downlink.md)
+    member_version: int = 0
+    #: members the batch moved points or rebate for that head office's member table does not hold
+    unknown_members: int = 0
+    #: the codes of the spend flags the batch raised (sync/hq/holds.py)
+    spend_flags: tuple[str, ...] = ()
 
 
 class UnauditedSale(NamedTuple):
@@ -298,6 +306,8 @@ class HqDatabase:
         self._engine = engine
         self._writer = engine.execution_options(**{_WRITE: True})
         self._now = now
+        #: the member table lanes cache (sync/hq/members.py)
+        self.members = MemberTable(engine, self._writer, now)
 
     @classmethod
     def open(cls, url: str, *, now: Callable[[], dt.datetime] = _utcnow) -> HqDatabase:
@@ -383,6 +393,8 @@ class HqDatabase:
                 message = f"id {entry.id} was applied before under another position; not applied again"
                 dead.append(dead_row.entry(entry, "duplicate_id", message))
         self._insert_facts(conn, batch, applied)
+        # Holds consumed, coupon uses, spend flags: against the balances before this batch moves them.
+        flags = settle_sales(conn, batch.store, batch.lane, applied, now)
         if dead:
             dead.sort(key=lambda row: (row["seq"] is None, row["seq"] or 0))
             _bulk_insert(conn, dead_letters, dead)
@@ -395,6 +407,9 @@ class HqDatabase:
         if dead:
             log.debug("%s/%s: %d dead letters (first: %s)", batch.store, batch.lane, len(dead), dead[0]["code"])
         log.debug("%s/%s@%s: %d -> %d", batch.store, batch.lane, batch.epoch, start, walk.cursor)
+        # Last: the member version's counter row stays locked from here to the commit.
+        moves = (move for _, facts in applied for move in ledger_moves(facts))
+        moved = apply_movements(conn, moves, now, f"{batch.store}/{batch.lane}")
         return Applied(
             store=batch.store,
             lane=batch.lane,
@@ -405,6 +420,9 @@ class HqDatabase:
             dead=len(dead),
             gap=walk.gap,
             sales_applied=sum(isinstance(facts, SaleFacts) for _, facts in applied),
+            member_version=moved.head,
+            unknown_members=moved.unknown,
+            spend_flags=flags,
         )
 
     def _insert_journal(

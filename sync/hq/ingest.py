@@ -49,6 +49,33 @@ CRASH_AFTER_COMMIT_ENV = "LANE_HQ_CRASH_AFTER_COMMIT"
 CONCURRENT_MESSAGES = 32
 
 
+def broker_client(
+    broker: BrokerSection, password: str | None, *, identifier: str, clean_session: bool
+) -> aiomqtt.Client:
+    """An MQTT client for head office's broker: its address, credentials and TLS (ingest's and the downlink's)."""
+    b = broker
+    tls = None
+    # Any tls_* key turns TLS on, as on the lane (without a CA file: the system's trust store).
+    if any(path is not None for path in (b.tls_ca_file, b.tls_cert_file, b.tls_key_file)):
+        tls = aiomqtt.TLSParameters(
+            ca_certs=None if b.tls_ca_file is None else str(b.tls_ca_file),
+            certfile=None if b.tls_cert_file is None else str(b.tls_cert_file),
+            keyfile=None if b.tls_key_file is None else str(b.tls_key_file),
+        )
+    return aiomqtt.Client(
+        b.host,
+        b.port,
+        identifier=identifier,
+        username=b.username,
+        password=password,
+        clean_session=clean_session,
+        keepalive=b.keepalive_seconds,
+        timeout=b.connect_timeout_seconds,
+        tls_params=tls,
+        max_queued_incoming_messages=10_000,
+    )
+
+
 class Ingest:
     """The MQTT side of head office: subscribe, apply, acknowledge; reconnects for ever."""
 
@@ -74,29 +101,14 @@ class Ingest:
         self._commits = 0
 
     def _client(self) -> aiomqtt.Client:
-        b = self.broker
-        tls = None
-        # Any tls_* key turns TLS on, as on the lane (without a CA file: the system's trust store).
-        if any(path is not None for path in (b.tls_ca_file, b.tls_cert_file, b.tls_key_file)):
-            tls = aiomqtt.TLSParameters(
-                ca_certs=None if b.tls_ca_file is None else str(b.tls_ca_file),
-                certfile=None if b.tls_cert_file is None else str(b.tls_cert_file),
-                keyfile=None if b.tls_key_file is None else str(b.tls_key_file),
-            )
-        client = aiomqtt.Client(
-            b.host,
-            b.port,
-            identifier=b.client_id,
-            username=b.username,
-            password=self._password,
+        client = broker_client(
+            self.broker,
+            self._password,
+            identifier=self.broker.client_id,
             # Alone, a persistent session: what lanes sent while head office was away waits at the broker.
             # Sharing a subscription, a clean one: a dead consumer's persistent session would stay in the
             # group and keep receiving its share of the batches, to be delivered only if it ever returns.
-            clean_session=b.share_group is not None,
-            keepalive=b.keepalive_seconds,
-            timeout=b.connect_timeout_seconds,
-            tls_params=tls,
-            max_queued_incoming_messages=10_000,
+            clean_session=self.broker.share_group is not None,
         )
         client.pending_calls_threshold = 1000
         return client
@@ -126,9 +138,9 @@ class Ingest:
         timeout = self.broker.connect_timeout_seconds
         await client.subscribe(wire.journal_filter(root, self.broker.share_group), qos=1, timeout=timeout)
         await client.subscribe(wire.state_filter(root), qos=1, timeout=timeout)
-        cursors = await self.owner.call(lambda db: db.cursors())
+        cursors, member_version = await self.owner.call(lambda db: (db.cursors(), db.members.head_version()))
         for store, lane, epoch, seq in cursors:
-            await self._ack(client, store, lane, epoch, seq)
+            await self._ack(client, store, lane, epoch, seq, member_version)
         log.info("consuming %s (%d lanes known)", wire.journal_filter(root, self.broker.share_group), len(cursors))
         self.metrics.connected.set(1)
         self.connected.set()
@@ -189,12 +201,15 @@ class Ingest:
         self.metrics.entries.labels("applied").inc(applied.applied)
         self.metrics.entries.labels("duplicate").inc(applied.duplicates)
         self.metrics.entries.labels("dead_letter").inc(applied.dead)
+        for code in applied.spend_flags:
+            self.metrics.spend_flags.labels(code).inc()
         if applied.gap:
             self.metrics.gaps.inc()
             self.metrics.batches.labels("gap").inc()
             log.info("%s/%s: batch past seq %d held back; lane resends from there", store, lane, applied.acked_seq)
         else:
             self.metrics.batches.labels("applied" if applied.applied else "duplicate").inc()
+        self.metrics.unknown_members.inc(applied.unknown_members)
         if applied.dead:
             log.warning("%s/%s: %d entries dead-lettered (see lane-hq dead-letters)", store, lane, applied.dead)
         if self._on_applied is not None and applied.applied:
@@ -204,11 +219,13 @@ class Ingest:
             if self._crash_after is not None and self._commits >= self._crash_after:
                 log.error("%s=%d: exiting after the commit, before the ack", CRASH_AFTER_COMMIT_ENV, self._crash_after)
                 os._exit(70)
-        await self._ack(client, store, lane, applied.epoch, applied.acked_seq)
+        await self._ack(client, store, lane, applied.epoch, applied.acked_seq, applied.member_version)
 
-    async def _ack(self, client: aiomqtt.Client, store: str, lane: str, epoch: str, seq: int) -> None:
+    async def _ack(
+        self, client: aiomqtt.Client, store: str, lane: str, epoch: str, seq: int, member_version: int
+    ) -> None:
         topic = wire.lane_topic(self.broker.topic_root, store, lane, "ack")
-        payload = wire.encode_ack(store, lane, epoch, seq)
+        payload = wire.encode_ack(store, lane, epoch, seq, member_version=member_version)
         await client.publish(topic, payload, qos=1, retain=True, timeout=self.broker.connect_timeout_seconds)
         self.metrics.acks.inc()
 

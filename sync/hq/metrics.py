@@ -19,6 +19,13 @@ class HqMetrics:
         self.states = Counter("hq_lane_states", "lane state messages, by outcome", ["outcome"], registry=r)
         self.audits = Counter("hq_audits", "sales audited, by status", ["status"], registry=r)
         self.audit_backlog = Gauge("hq_audit_backlog", "sales ingested and not yet audited (last look)", registry=r)
+        self.unknown_members = Counter(
+            "hq_unknown_members", "members whose points a batch moved but head office does not hold", registry=r
+        )
+        self.member_version = Gauge("hq_member_version", "head office's member version (last look)", registry=r)
+        self.downlink = Counter("hq_downlink_published", "retained notices published, by topic", ["topic"], registry=r)
+        self.holds = Counter("hq_holds", "lanes' holds, by result (held, a refusal's code...)", ["result"], registry=r)
+        self.spend_flags = Counter("hq_spend_flags", "sales flagged at ingest, by code", ["code"], registry=r)
         self.batch_seconds = Histogram(
             "hq_batch_seconds",
             "decode + database transaction of one journal message",

@@ -23,6 +23,7 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     Connection,
+    Date,
     DateTime,
     Dialect,
     Engine,
@@ -44,6 +45,10 @@ from agent.errors import LaneError
 
 AUDIT_STATUSES = ("ok", "mismatch", "unknown_rules", "unreadable")
 LEDGER_KINDS = ("earn", "redeem", "rebate_spend", "return", "void")
+CARD_STATES = ("active", "lost", "replaced", "expired", "cancelled")
+# The card states lanes are told about at once (the retained hot list, docs/downlink.md).
+HOT_CARD_STATES = ("lost", "replaced", "cancelled")
+MEMBER_VERSION = "member_version"  # hq_counters row: the member table's version
 # pg_advisory_xact_lock key for migrations: any constant the application uses for nothing else.
 _MIGRATION_LOCK = 0x6C616E65_6871  # "lanehq"
 
@@ -249,6 +254,67 @@ lane_states = Table(
     PrimaryKeyConstraint("store", "lane", name="lane_states_pkey"),
 )
 
+# --- migration 2: the member table head office keeps and sends to lanes (docs/downlink.md) ----
+
+members = Table(
+    "members",
+    metadata,
+    Column("member_id", Text, primary_key=True),
+    Column("tier", Text, nullable=False),
+    Column("next_tier", Text),
+    Column("next_tier_from", Date),
+    Column("birthday", Text),  # "MM-DD": month and day only
+    Column("card_kind", Text),  # NULL: lanes take the kind of the member's newest active card
+    # Head office's balances: what the lanes' batches moved (and adjustments), exact.
+    Column("points_balance", BigInteger, nullable=False),
+    Column("rebate_fen", BigInteger, nullable=False),
+    # The member version of this member's last change; one member per version, so unique.
+    Column("version", BigInteger, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+Index("members_version", members.c.version, unique=True)
+
+member_cards = Table(
+    "member_cards",
+    metadata,
+    Column("card_hash", Text, primary_key=True),  # HMAC-SHA256 of the card number, 64 lower-case hex digits
+    Column("member_id", Text, ForeignKey("members.member_id"), nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("valid_from", Date, nullable=False),
+    Column("valid_until", Date),
+    Column("version", BigInteger, nullable=False),  # the member version at this card's last change
+    Column("changed_at", UtcDateTime, nullable=False),  # when its state last changed
+    CheckConstraint("length(card_hash) = 64", name="member_cards_hash"),
+    CheckConstraint(
+        "state IN ('active', 'lost', 'replaced', 'expired', 'cancelled')",
+        name="member_cards_state",
+    ),
+)
+Index("member_cards_member", member_cards.c.member_id)
+# The hot list: recently lost, replaced or cancelled cards, by when that happened.
+_hot = member_cards.c.state.in_(HOT_CARD_STATES)
+Index("member_cards_hot", member_cards.c.changed_at, postgresql_where=_hot, sqlite_where=_hot)
+
+member_changes = Table(
+    "member_changes",
+    metadata,
+    Column("version", BigInteger, primary_key=True, autoincrement=False),
+    Column("member_id", Text, ForeignKey("members.member_id"), nullable=False),
+    Column("reason", Text, nullable=False),
+    # The member's line (docs/member-snapshot.md, with "version") after this change: what deltas send.
+    Column("line", Text, nullable=False),
+    Column("at", UtcDateTime, nullable=False),
+)
+Index("member_changes_member", member_changes.c.member_id, member_changes.c.version)
+
+hq_counters = Table(
+    "hq_counters",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)
+
 # What migration 1 creates.  When a later migration changes one of these tables,
 # migration 1 must keep creating the version-1 shape: give it a frozen copy then.
 _V1_TABLES = [journal_entries, sales, returns, voids, points_ledger, lane_cursors, dead_letters, lane_states]
@@ -258,8 +324,81 @@ def _create_v1(conn: Connection) -> None:
     metadata.create_all(conn, tables=_V1_TABLES, checkfirst=False)
 
 
+# What migration 2 creates (the same rule: a later change to these tables freezes a copy here).
+_V2_TABLES = [members, member_cards, member_changes, hq_counters]
+
+
+def _create_v2(conn: Connection) -> None:
+    metadata.create_all(conn, tables=_V2_TABLES, checkfirst=False)
+    conn.execute(hq_counters.insert().values(name=MEMBER_VERSION, value=0))
+
+
+# --- migration 3: redemption holds, coupon uses, spend flags (docs/downlink.md, sync/hq/holds.py) ----
+
+HOLD_STATUSES = ("held", "consumed", "released", "expired")
+SPEND_FLAG_CODES = ("overspend", "coupon_reuse")
+
+holds = Table(
+    "holds",
+    metadata,
+    Column("hold_id", Text, primary_key=True),  # chosen by the lane (a UUID): the idempotency key
+    Column("store", Text, nullable=False),
+    Column("lane", Text, nullable=False),
+    Column("sale_id", Text, nullable=False),
+    Column("member_id", Text),  # NULL: a guest's hold of coupons only
+    Column("points", BigInteger, nullable=False),
+    Column("rebate_fen", BigInteger, nullable=False),
+    Column("coupons", Text, nullable=False),  # JSON list of coupon codes, sorted: '[]' for none
+    Column("status", Text, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("expires_at", UtcDateTime, nullable=False),
+    Column("consumed_entry_id", Text, ForeignKey("journal_entries.id")),
+    CheckConstraint("status IN ('held', 'consumed', 'released', 'expired')", name="holds_status"),
+    CheckConstraint("points >= 0 AND rebate_fen >= 0", name="holds_amounts"),
+)
+# What is held right now: per member (availability), and the holds with coupons (coupon_held).
+_held = holds.c.status == "held"
+Index("holds_held_member", holds.c.member_id, holds.c.expires_at, postgresql_where=_held, sqlite_where=_held)
+_held_coupons = _held & (holds.c.coupons != "[]")
+Index("holds_held_coupons", holds.c.expires_at, postgresql_where=_held_coupons, sqlite_where=_held_coupons)
+
+coupon_uses = Table(
+    "coupon_uses",
+    metadata,
+    Column("code", Text, primary_key=True),  # a single-use coupon is used once: its first use is kept
+    Column("entry_id", Text, ForeignKey("journal_entries.id"), nullable=False),
+    Column("store", Text, nullable=False),
+    Column("lane", Text, nullable=False),
+    Column("at", UtcDateTime, nullable=False),  # the sale's time
+)
+
+spend_flags = Table(
+    "spend_flags",
+    metadata,
+    Column("id", _RowId, primary_key=True, autoincrement=True),
+    Column("entry_id", Text, ForeignKey("journal_entries.id"), nullable=False),
+    Column("member_id", Text),
+    Column("code", Text, nullable=False),
+    Column("detail", Text, nullable=False),  # JSON: what was spent, the balance it left, the hold
+    Column("at", UtcDateTime, nullable=False),  # when head office raised it
+    CheckConstraint("code IN ('overspend', 'coupon_reuse')", name="spend_flags_code"),
+)
+Index("spend_flags_entry", spend_flags.c.entry_id)
+Index("spend_flags_member", spend_flags.c.member_id)
+
+_V3_TABLES = [holds, coupon_uses, spend_flags]
+
+
+def _create_v3(conn: Connection) -> None:
+    metadata.create_all(conn, tables=_V3_TABLES, checkfirst=False)
+
+
 Migration = tuple[int, str, Callable[[Connection], None]]
-MIGRATIONS: tuple[Migration, ...] = ((1, "journal, sales, returns, voids, points ledger, cursors", _create_v1),)
+MIGRATIONS: tuple[Migration, ...] = (
+    (1, "journal, sales, returns, voids, points ledger, cursors", _create_v1),
+    (2, "member table, cards, change log, counters", _create_v2),
+    (3, "redemption holds, coupon uses, spend flags", _create_v3),
+)
 LATEST = MIGRATIONS[-1][0]
 
 

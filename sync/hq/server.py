@@ -2,7 +2,8 @@
 
 Start-up order: the configuration is validated, the rulesets loaded, the
 database opened and migrated; then the tasks start: ``ingest`` (MQTT, with its
-own reconnect loop), ``audit`` and ``api``.  SIGTERM or SIGINT cancels them;
+own reconnect loop), ``downlink`` (the member notice and hot list, its own
+MQTT client), ``audit`` and ``api``.  SIGTERM or SIGINT cancels them;
 work queued on the database thread runs to its commit before the database
 closes.
 """
@@ -18,11 +19,13 @@ from collections.abc import Generator
 
 import uvicorn
 
+from sync.hq import holds_api, lane_api
 from sync.hq.api import create_hq_app
 from sync.hq.audit import RulesetLibrary
 from sync.hq.auditor import Auditor
 from sync.hq.config import HqConfig
 from sync.hq.db import HqDatabase
+from sync.hq.downlink import Downlink
 from sync.hq.ingest import Ingest
 from sync.hq.metrics import HqMetrics
 from sync.hq.owner import DbOwner
@@ -52,6 +55,10 @@ async def serve(config: HqConfig, library: RulesetLibrary) -> None:
         password=config.password(),
         on_applied=None if auditor is None else (lambda _applied: auditor.wake()),
     )
+    snapshot_dir = lane_api.snapshot_directory(config)  # checked (and created) with the configuration
+    downlink = Downlink(
+        config.broker, config.members, owner, metrics, password=config.password(), snapshot_dir=snapshot_dir
+    )
     # A batch of 500 sales decodes into ~80,000 containers: with the default thresholds the cyclic
     # collector ran ~100 times per batch and took three quarters of its decoding time
     # (docs/performance.md).  What start-up built lives as long as the process: frozen.
@@ -65,28 +72,37 @@ async def serve(config: HqConfig, library: RulesetLibrary) -> None:
     try:
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(ingest.run(), name="ingest")]
+            tasks.append(group.create_task(downlink.run(), name="downlink"))
             if auditor is not None:
                 tasks.append(group.create_task(auditor.run(), name="audit"))
             server = None
             if config.api.enabled:
+                routers = [
+                    holds_api.router(config, owner, metrics),
+                    lane_api.router(config, owner, snapshot_dir=snapshot_dir),
+                ]
                 server = _Server(
                     uvicorn.Config(
-                        create_hq_app(owner, metrics),
+                        create_hq_app(owner, metrics, routers=routers),
                         host=config.api.host,
                         port=config.api.port,
                         log_config=None,
                         access_log=False,
                         lifespan="off",
+                        # HTTPS when both are set (the configuration checks they come as a pair).
+                        ssl_certfile=config.api.tls_cert_file,
+                        ssl_keyfile=config.api.tls_key_file,
                     )
                 )
                 tasks.append(group.create_task(server.serve(), name="api"))
+            scheme = "http" if config.api.tls_cert_file is None else "https"
             log.info(
                 "head office: database %s, broker %s:%d, %d ruleset versions%s",
                 db.dialect,
                 config.broker.host,
                 config.broker.port,
                 len(library),
-                "" if server is None else f", API on http://{config.api.host}:{config.api.port}/",
+                "" if server is None else f", API on {scheme}://{config.api.host}:{config.api.port}/",
             )
             await stop.wait()
             log.info("stopping")
