@@ -160,7 +160,7 @@ def field_strategy(name: str) -> st.SearchStrategy[Any]:
 
 
 card_docs = st.fixed_dictionaries(
-    {"card_hash": st.sampled_from(HASHES[:2] + ["cd" * 32])},
+    {"card_hash": st.sampled_from([*HASHES[:2], "cd" * 32])},
     optional={name: field_strategy(name) for name in ["kind", "state", "valid_from", "valid_until"]},
 )
 
