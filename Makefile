@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) -m bench.api
 	$(PY) -m bench.swipe
 	$(PY) -m bench.sync
+	$(PY) -m bench.members
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py

@@ -19,6 +19,7 @@ import hmac
 import json
 import os
 import re
+import time
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -435,6 +436,8 @@ class SnapshotReader:
         self._body_lines = 0
         self._trailer_seen = False
         self._fast = _FastCheck()
+        # Seconds to sleep every 256 lines, 0 for never: see ``chunk``.
+        self.gil_pause = 0.0
         self.version = 0
         self.created = dt.date.min
 
@@ -498,7 +501,14 @@ class SnapshotReader:
         readline, update, fast = self._file.readline, self._sha.update, self._fast.member
         members, member_lines, cards, card_where = out.members, out.member_lines, out.cards, out.card_where
         limit = max_members if max_members > 0 else -1
+        pause = self.gil_pause
         while len(members) != limit:
+            if pause and not self._line & 0xFF:
+                # Reading holds the GIL for as long as it runs.  A thread waiting for it otherwise
+                # gets it only when the interpreter's switch interval (5 ms) forces a hand-over,
+                # which a store inserting in parallel needs several times a chunk, and a sale
+                # several times a commit.  A short sleep hands it over at once.
+                time.sleep(pause)
             raw = readline()
             if not raw:
                 if not self._trailer_seen:

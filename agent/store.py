@@ -503,6 +503,7 @@ class LaneStore:
         issues = IssueList()
         members = cards = 0
         encoder = store_import.StageEncoder()
+        reader.gil_pause = 0.0001  # hands the GIL to this thread and to sales every 256 lines (SnapshotReader.chunk)
 
         def read() -> store_import.EncodedChunk:
             return encoder.encode(reader.chunk(chunk_members))
@@ -534,7 +535,7 @@ class LaneStore:
                 store_import.build_cards, partition=partition, staged=encoder.counts[partition], source=reader.name
             )
             issues.extend(await self._run(build, "import"))
-        await self._run(store_import.drop_stage, "import")
+        await self._run(store_import.detach_stage, "import")
         if issues:
             raise InputError(issues.report(), what="member snapshot")
         return members, cards
@@ -548,6 +549,7 @@ class LaneStore:
 
     async def _drop_staging(self) -> None:
         try:
+            await self._run(store_import.detach_stage, "import cleanup")
             await self._run(lambda conn: transaction(conn, store_import.drop_staging), "import cleanup")
         except StoreError as exc:
             log.warning("could not drop the import's staging tables (dropped at the next import): %s", exc)

@@ -8,27 +8,30 @@ Building is split into short transactions so that sales carry on between them:
 
 1. ``create_staging``: empty ``members_next`` and ``cards_next`` shaped like
    the live tables (copied from their own ``CREATE TABLE`` text, whatever
-   migrations made them), and the ``cards_stage`` table.
+   migrations made them); and the card stage, a scratch database file beside
+   the lane's (``lane.db-import-stage``), attached for the import.
 2. ``stage_chunk`` per few thousand lines: members go straight into
    ``members_next`` (an append when the file is in member-id order, as
-   head office writes it); cards are appended to ``cards_stage``, numbered
-   so that each of sixteen partitions (the hash's first hex digit) is one
-   rowid range.  Inserting random 32-byte keys one by one into a B-tree of a
-   million rows churns the page cache (measured: 30 s for 1.2 M cards
-   against 5 s for stage-then-sort).
+   head office writes it); cards are appended to the stage, numbered so that
+   each of 32 partitions (the hash's first five bits) is one rowid range.
+   Inserting random 32-byte keys one by one into a B-tree of a million rows
+   churns the page cache (measured: 30 s for 1.2 M cards against 5 s for
+   stage-then-sort).
 3. ``build_cards`` per partition: ``INSERT … ORDER BY card_hash`` into
    ``cards_next``; the partitions are in key order, so the whole build is an
    append.  Duplicate card hashes surface here, reported by line.  Then
-   ``drop_stage``.
+   ``detach_stage`` detaches the stage and deletes its file: dropping a
+   staged million cards inside the lane's file took a second in one
+   transaction.
 4. ``swap``: rename the live tables aside and the staging ones into place,
    record the version; then ``drop_retired`` drops the old tables, one per
    transaction.
 
 Step 2 takes its rows as JSON text (``StageEncoder``, run on the reading
-thread), one statement per table and chunk: SQLite then unpacks and inserts a
-whole chunk without holding the GIL, on the other core, while the reading
-thread checks the next chunk.  ``executemany`` holds the GIL for every row it
-binds, so the two threads took turns and the import was the sum of both.
+thread), one statement per table and chunk: SQLite unpacks and inserts a whole
+chunk without holding the GIL, on the other core, while the reading thread
+checks the next chunk.  ``executemany`` holds the GIL for every row it binds,
+so the two threads took turns and the import was the sum of both.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import datetime as dt
 import re
 import sqlite3
 from dataclasses import dataclass
+from pathlib import Path
 
 import orjson
 
@@ -44,21 +48,28 @@ from agent.dbtx import transaction
 from agent.errors import Issue, StaleSnapshotError, StoreError
 from agent.snapshot import Chunk, SnapshotHeader
 
-PARTITIONS = 16
+# 32 key ranges of about 40,000 cards per million members: each is built in one transaction of
+# 0.1-0.2 s, which a sale may have to wait for.
+PARTITIONS = 32
+_PARTITION_BITS = 5
 MEMBERS_NEXT = "members_next"
 CARDS_NEXT = "cards_next"
-CARDS_STAGE = "cards_stage"
+# The card stage is scratch: a database file of its own beside the lane's, attached for one import
+# and deleted after it (no WAL, no fsync, no freeing of its pages inside the lane's file).
+STAGE_DB = "import_stage"
+STAGE_SUFFIX = "-import-stage"
+CARDS_STAGE = f"{STAGE_DB}.cards"
 # The replaced cache, renamed in the swap and dropped after it, one table per transaction:
 # dropping a million-row table walks all its pages (over a second here), too long to hold
 # the write lock inside the swap.
 RETIRED = ("members_old", "cards_old")
 # What an import by an earlier version left behind (one stage table per partition): dropped alike.
-_OLD_STAGES = tuple(f"cards_stage_{partition:x}" for partition in range(PARTITIONS))
+_OLD_STAGES = tuple(f"cards_stage_{partition:x}" for partition in range(16))
 # A staged card's rowid: partition, line, index among the line's cards (at most 64), high bits to low.
 # Lines only grow, so each partition is one rowid range that only grows at its end, and a card's
 # place in the file, for a duplicate's report, comes back from its rowid.
 _INDEX_BITS = 6
-_PARTITION_SHIFT = 58
+_PARTITION_SHIFT = 58  # five bits of partition above it: every key stays below 2**63
 _LINE_MASK = (1 << _PARTITION_SHIFT) - 1
 _INDEX_MASK = (1 << _INDEX_BITS) - 1
 _CREATE_TABLE = re.compile(r'^\s*CREATE\s+TABLE\s+("?)(\w+)\1', re.IGNORECASE)
@@ -91,9 +102,35 @@ def check_fresh(header: SnapshotHeader, current: int, allow_older: bool) -> None
 
 
 def drop_staging(conn: sqlite3.Connection) -> None:
-    """Drop what an import left behind (a refused file, or a crash mid-import)."""
-    for table in (MEMBERS_NEXT, CARDS_NEXT, CARDS_STAGE, *RETIRED, *_OLD_STAGES):
+    """Drop what an import left behind (a refused file, or a crash mid-import), in the caller's transaction.
+
+    A stage file still attached is ``detach_stage``'s (outside a transaction); one left by a crash is deleted here.
+    """
+    for table in (MEMBERS_NEXT, CARDS_NEXT, *RETIRED, *_OLD_STAGES):
         conn.execute(f"DROP TABLE IF EXISTS {table}")
+    stage = _stage_path(conn)
+    if stage is not None and not _stage_attached(conn):
+        stage.unlink(missing_ok=True)
+
+
+def _stage_path(conn: sqlite3.Connection) -> Path | None:
+    for _, name, file in conn.execute("PRAGMA database_list"):
+        if name == "main":
+            return Path(file + STAGE_SUFFIX) if file else None
+    return None
+
+
+def _stage_attached(conn: sqlite3.Connection) -> bool:
+    return any(name == STAGE_DB for _, name, _ in conn.execute("PRAGMA database_list"))
+
+
+def detach_stage(conn: sqlite3.Connection) -> None:
+    """Detach and delete the card stage (outside a transaction): the whole of dropping it."""
+    if _stage_attached(conn):
+        conn.execute(f"DETACH DATABASE {STAGE_DB}")
+    stage = _stage_path(conn)
+    if stage is not None:
+        stage.unlink(missing_ok=True)
 
 
 def create_staging(conn: sqlite3.Connection) -> None:
@@ -105,13 +142,26 @@ def create_staging(conn: sqlite3.Connection) -> None:
             if count != 1:
                 raise StoreError(f"unexpected schema for table {live!r}")
             conn.execute(ddl)
-        conn.execute(
-            f"CREATE TABLE {CARDS_STAGE} (k INTEGER PRIMARY KEY, card_hash TEXT, member_id TEXT, card_kind TEXT,"
-            " state TEXT, valid_from TEXT, valid_until TEXT)"
-        )
 
-    conn.create_function(_UNHEX, 1, bytes.fromhex, deterministic=True)
+    detach_stage(conn)
     transaction(conn, create)
+    stage = _stage_path(conn)
+    conn.execute(f"ATTACH DATABASE ? AS {STAGE_DB}", (str(stage) if stage else "",))
+    # Durability is the lane file's business, not the stage's: nothing ever reads a stage written by an
+    # earlier run (a crash mid-import leaves the live cache in use, and the next start or import deletes
+    # the file), so it has no journal on disk and is never synced.  The live cache, the *_next tables
+    # and the swap stay in the lane's file under WAL and synchronous=FULL.  The journal is kept in
+    # memory so that a rolled-back chunk still rolls back here too.
+    conn.execute(f"PRAGMA {STAGE_DB}.journal_mode = MEMORY")
+    conn.execute(f"PRAGMA {STAGE_DB}.synchronous = OFF")
+    # The lane's size limit (max_db_bytes) holds for the stage too.
+    limit = int(conn.execute("PRAGMA main.max_page_count").fetchone()[0])
+    conn.execute(f"PRAGMA {STAGE_DB}.max_page_count = {limit}")
+    conn.execute(
+        f"CREATE TABLE {CARDS_STAGE} (k INTEGER PRIMARY KEY, card_hash TEXT, member_id TEXT, card_kind TEXT,"
+        " state TEXT, valid_from TEXT, valid_until TEXT)"
+    )
+    conn.create_function(_UNHEX, 1, bytes.fromhex, deterministic=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +188,7 @@ class StageEncoder:
         rows: list[StageRow] = []
         append = rows.append
         for card, (line, index) in zip(chunk.cards, chunk.card_where, strict=True):
-            partition = card[0][0] >> 4
+            partition = card[0][0] >> (8 - _PARTITION_BITS)
             counts[partition] += 1
             key = partition << _PARTITION_SHIFT | line << _INDEX_BITS | index
             append((key, card[0].hex(), card[1], card[2], card[3], card[4], card[5]))
@@ -218,11 +268,6 @@ def build_cards(conn: sqlite3.Connection, partition: int, staged: int, source: s
         return [] if inserted == staged else _duplicate_cards(conn, partition, source)
 
     return transaction(conn, build)
-
-
-def drop_stage(conn: sqlite3.Connection) -> None:
-    """Drop ``cards_stage`` once every partition is built (its own transaction)."""
-    transaction(conn, lambda conn: conn.execute(f"DROP TABLE IF EXISTS {CARDS_STAGE}"))
 
 
 def _duplicate_cards(conn: sqlite3.Connection, partition: int, source: str) -> list[Issue]:

@@ -33,15 +33,57 @@ MEMBER: dict[str, Any] = {
 }
 
 # Values around every rule of the models: types, lengths, ranges, formats, calendars.
-TEXTS = ["", "x", "x" * 64, "x" * 65, "会员", "A\u0000B", " ", 5, None, True, ["x"], {"x": 1}]
-INTS = [0, 1, -1, 10**12, 10**12 + 1, 2**62, 2**62 + 1, 2**63, -(2**63), 1.0, 12.5, "12", True, False, None, []]
-MONEY = ["0", "0.00", "35.2", "35.20", "35.200", "-0.00", "-1", "00012.50", "1e3", " 1.00", "1.00 ", "+1", "１２"]
+TEXTS: list[Any] = ["", "x", "x" * 64, "x" * 65, "会员", "A\u0000B", " ", 5, None, True, ["x"], {"x": 1}]
+INTS: list[Any] = [
+    0,
+    1,
+    -1,
+    10**12,
+    10**12 + 1,
+    2**62,
+    2**62 + 1,
+    2**63,
+    -(2**63),
+    1.0,
+    12.5,
+    "12",
+    True,
+    False,
+    None,
+    [],
+]
+MONEY: list[Any] = [
+    "0",
+    "0.00",
+    "35.2",
+    "35.20",
+    "35.200",
+    "-0.00",
+    "-1",
+    "00012.50",
+    "1e3",
+    " 1.00",
+    "1.00 ",
+    "+1",
+    "１２",
+]
 MONEY += ["99999999999.99", "999999999999.99", "99999999999999", "100000000000000", "1_000", "", ".5", "5.", 35, 35.2]
-DATES = ["2025-01-01", "2024-02-29", "2023-02-29", "2025-13-01", "2025-00-10", "0000-01-01", "0001-01-01"]
+DATES: list[Any] = ["2025-01-01", "2024-02-29", "2023-02-29", "2025-13-01", "2025-00-10", "0000-01-01", "0001-01-01"]
 DATES += ["9999-12-31", "2025-1-01", "20250101", "2025-01-01T00:00:00", "2025-01-01 ", "２０２５-01-01", 20250101, None]
-BIRTHDAYS = ["03-14", "02-29", "02-30", "13-01", "00-10", "3-14", "03-14 ", "0314", "", None, 314, ["03-14"]]
-STATES = ["active", "lost", "replaced", "expired", "cancelled", "stolen", "Active", "", None, 1, ["active"]]
-HASHES = [HASH, "AB" * 32, "ab" * 31, "ab" * 33, "ab" * 31 + "a ", "ab" * 31 + "zz", "ab " * 21 + "a", "", None, 7]
+BIRTHDAYS: list[Any] = ["03-14", "02-29", "02-30", "13-01", "00-10", "3-14", "03-14 ", "0314", "", None, 314, ["03-14"]]
+STATES: list[Any] = ["active", "lost", "replaced", "expired", "cancelled", "stolen", "Active", "", None, 1, ["active"]]
+HASHES: list[Any] = [
+    HASH,
+    "AB" * 32,
+    "ab" * 31,
+    "ab" * 33,
+    "ab" * 31 + "a ",
+    "ab" * 31 + "zz",
+    "ab " * 21 + "a",
+    "",
+    None,
+    7,
+]
 
 
 def model_rows(raw: bytes) -> tuple[MemberRow, list[CardRow]] | None:
@@ -121,9 +163,19 @@ def test_every_single_field_change_agrees_with_the_model() -> None:
         for value in [*field_values(name), MISSING]:
             check({**MEMBER, "cards": [mutated(CARD, name, value)]})
             check({**MEMBER, "cards": [CARD, mutated({**CARD, "card_hash": "cd" * 32}, name, value)]})
-    for odd in [None, {}, "x", [None], [[]], [CARD] * 64, [CARD] * 65, [{**CARD, "phone": "1"}]]:
+    odd_cards: list[Any] = [None, {}, "x", [None], [[]], [CARD] * 64, [CARD] * 65, [{**CARD, "phone": "1"}]]
+    for odd in odd_cards:
         check({**MEMBER, "cards": odd})
-    for line in [None, [], "x", 1, {}, {**MEMBER, "name": "Zhang San"}, {"kind": "end", "count": 1, "sha256": HASH}]:
+    odd_lines: list[Any] = [
+        None,
+        [],
+        "x",
+        1,
+        {},
+        {**MEMBER, "name": "Zhang San"},
+        {"kind": "end", "count": 1, "sha256": HASH},
+    ]
+    for line in odd_lines:
         check(line)
 
 
