@@ -174,27 +174,6 @@ class Journal:
 # --- head office's database ----------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    with fresh_database("lanehq_holds_test") as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/hq.db"
-    url: str = request.getfixturevalue("pg_url")
-    engine = create_engine(url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(text("DROP SCHEMA public CASCADE"))
-            conn.execute(text("CREATE SCHEMA public"))
-    finally:
-        engine.dispose()
-    return url
-
-
 def seed_members(db_url: str, directory: Path, balances: dict[str, tuple[int, str]]) -> None:
     """Head office's members (``{member_id: (points, rebate)}``), imported as ``lane-hq members import`` does."""
     path = directory / f"hq-members-{uuid.uuid4().hex[:6]}.jsonl"

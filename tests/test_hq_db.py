@@ -13,14 +13,12 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from conftest import MEMBER_DAY, RULES_888
 from lane_harness import basket
-from pgdb import fresh_database
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from agent.basket import parse_member
 from agent.engine import price
@@ -157,37 +155,7 @@ def batch_of(entries: list[RawEntry], *, store: str = STORE, lane: str = LANE, e
     return decode_batch(store, lane, encode_batch(store, lane, epoch, entries))
 
 
-# --- fixtures ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    with fresh_database("lanehq_db_test") as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/hq.db"
-    url: str = request.getfixturevalue("pg_url")
-    engine = create_engine(url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(text("DROP SCHEMA public CASCADE"))
-            conn.execute(text("CREATE SCHEMA public"))
-    finally:
-        engine.dispose()
-    return url
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[HqDatabase]:
-    database = HqDatabase.open(db_url)
-    try:
-        yield database
-    finally:
-        database.close()
+# --- helpers (the database fixtures are in conftest.py) ----------------------------
 
 
 def scalar(db: HqDatabase, sql: str, **params: Any) -> Any:

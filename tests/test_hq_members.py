@@ -29,8 +29,7 @@ import pytest
 from broker import Broker
 from conftest import REPO_ROOT
 from hq_harness import Hq, HqReader
-from pgdb import fresh_database
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from test_hq_db import LANE, MEMBER, STORE, TOPIC, batch_of, raw, return_body, sale_body, void_body
 
@@ -78,37 +77,7 @@ def seed(db: HqDatabase, directory: Path, count: int, **kw: Any) -> mt.ImportRes
     return db.members.import_members(seed_file(directory / f"seed-{uuid.uuid4().hex[:6]}.jsonl", count, **kw), KEY)
 
 
-# --- fixtures ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    with fresh_database("lanehq_members_test") as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/hq.db"
-    url: str = request.getfixturevalue("pg_url")
-    engine = create_engine(url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(text("DROP SCHEMA public CASCADE"))
-            conn.execute(text("CREATE SCHEMA public"))
-    finally:
-        engine.dispose()
-    return url
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[HqDatabase]:
-    database = HqDatabase.open(db_url)
-    try:
-        yield database
-    finally:
-        database.close()
+# --- helpers (the database fixtures are in conftest.py) ----------------------------
 
 
 def rows(db: HqDatabase, sql: str, **params: Any) -> list[tuple[Any, ...]]:

@@ -39,7 +39,8 @@ from agent.errors import InputError, Issue
 from agent.ruleset import Ruleset, parse_ruleset
 from sync import wire
 from sync.hq.audit import RulesetLibrary
-from sync.hq.config import BrokerSection, HqConfig, load_hq_config
+from sync.hq.config import HqConfig, load_hq_config
+from sync.hq.ingest import broker_client
 from sync.signing import MAX_SERIAL, build_envelope, public_key_text
 
 EXIT_OK = 0
@@ -208,29 +209,6 @@ def _copy(text: str, target: Path) -> None:
         raise PublishError(EXIT_CONFIG, f"cannot copy the ruleset to {target}: {exc.strerror or exc}") from exc
 
 
-def _client(broker: BrokerSection, password: str | None) -> aiomqtt.Client:
-    """A short-lived clean session with hq.toml's broker settings (TLS as ingest: any tls_* key turns it on)."""
-    tls = None
-    if any(path is not None for path in (broker.tls_ca_file, broker.tls_cert_file, broker.tls_key_file)):
-        tls = aiomqtt.TLSParameters(
-            ca_certs=None if broker.tls_ca_file is None else str(broker.tls_ca_file),
-            certfile=None if broker.tls_cert_file is None else str(broker.tls_cert_file),
-            keyfile=None if broker.tls_key_file is None else str(broker.tls_key_file),
-        )
-    return aiomqtt.Client(
-        broker.host,
-        broker.port,
-        # Never ingest's own id: the broker would disconnect the running consumer.
-        identifier=f"{broker.client_id[:40]}-rules-{os.getpid()}",
-        username=broker.username,
-        password=password,
-        clean_session=True,
-        keepalive=broker.keepalive_seconds,
-        timeout=broker.connect_timeout_seconds,
-        tls_params=tls,
-    )
-
-
 def _retained_serial(payload: bytes, topic: str) -> int:
     try:
         doc = json.loads(payload)
@@ -275,7 +253,9 @@ async def publish(
     topic = wire.hq_topic(broker.topic_root, "rules")
     timeout = broker.connect_timeout_seconds
     try:
-        async with _client(broker, config.password()) as client:
+        # A short-lived clean session, never under ingest's own id (the broker would drop the consumer).
+        identifier = f"{broker.client_id[:40]}-rules-{os.getpid()}"
+        async with broker_client(broker, config.password(), identifier=identifier, clean_session=True) as client:
             retained = await _retained(client, topic, timeout)
             last = None if retained is None else _retained_serial(retained, topic)
             if serial is None:
