@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from agent.basket import Line, issues_from_validation
 from agent.errors import Issue, RulesetError
 from agent.money import parse_money, parse_rate
-from agent.ruleset_schema import Exclusion, Header, Label, RulesetSpec, RuleSpec, Scope, Tenders, Tier, When
+from agent.ruleset_schema import Centre, Exclusion, Header, Label, RulesetSpec, RuleSpec, Scope, Tenders, Tier, When
 
 CACHE_LIMIT = 4096  # days or coupon sets remembered; cleared wholesale when full
 
@@ -338,6 +338,8 @@ class Ruleset:
     digest: str
     source: str
     coupon_rules: Mapping[str, frozenset[str]]
+    # Head office's programme ([centre]): never used in pricing, so never part of a lane's decision.
+    centre: Centre = field(default_factory=Centre, compare=False)
     # Memo tables of pure functions of this ruleset (here and in agent.plan); never part of its
     # value.  Each is keyed by one thing that repeats all day at a till, so they stay small.
     member_cache: dict[tuple[str | None, str | None], int] = field(default_factory=dict, compare=False, repr=False)
@@ -593,6 +595,7 @@ def compile_spec(spec: RulesetSpec, *, source: str = "<spec>", digest: str = "")
         },
         digest=digest,
         source=source,
+        centre=spec.centre,
     )
 
 

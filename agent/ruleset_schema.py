@@ -294,6 +294,130 @@ class RuleSpec(_Strict):
         return "line"
 
 
+# --- [centre]: the programme head office runs (lanes read it and ignore it; docs/member-centre.md) ----
+
+_MONTH_DAY_RE = re.compile(r"(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])")
+
+
+class CardValidity(_Strict):
+    """How long a card is valid from the day it takes effect (the day after it is issued)."""
+
+    # none: no end; years: ``years`` after it takes effect; half_year (xx mall, seed 004): issued
+    # January-June -> 30 June of the next year, July-December -> 30 June of the year after that.
+    kind: Literal["none", "years", "half_year"] = "none"
+    years: int = Field(default=1, ge=1, le=10)
+
+
+class Expiry(_Strict):
+    """When earned points lapse; each earning is a lot, spent soonest-expiring first."""
+
+    # none; rolling: a lot lapses ``months`` after the day it was earned; year_end: at the end of
+    # the year it was earned in, plus ``years_after``; card_validity: when the member's card validity ends.
+    policy: Literal["none", "rolling", "year_end", "card_validity"] = "none"
+    months: int = Field(default=12, ge=1, le=120)
+    years_after: int = Field(default=0, ge=0, le=10)
+
+
+class SpendWindow(_Strict):
+    """Spend over the last ``days`` days (the decision day included)."""
+
+    days: int = Field(ge=2, le=366)
+    spend: MoneyText
+
+    _money = field_validator("spend")(_check_money)
+
+
+class Qualify(_Strict):
+    """One way to reach ``tier``: any criterion given is enough."""
+
+    tier: Ident
+    same_day_spend: MoneyText | None = None
+    windows: list[SpendWindow] = Field(default_factory=list)
+    year_points: int | None = Field(default=None, ge=1)
+    year_spend: MoneyText | None = None
+    year_visits: int | None = Field(default=None, ge=1)
+    # True: only the monthly screening decides (888 mall screens at the start of each month).
+    screening_only: bool = False
+    # Registering (or upgrading at the desk) with the receipts of a qualifying day is allowed this
+    # many days after it (xx mall: "三日内申办").
+    apply_within_days: int = Field(default=0, ge=0, le=366)
+
+    _moneys = field_validator("same_day_spend", "year_spend")(lambda v: None if v is None else _check_money(v))
+
+    @model_validator(mode="after")
+    def _some_criterion(self) -> Qualify:
+        if not (self.same_day_spend or self.windows or self.year_points or self.year_spend or self.year_visits):
+            raise ValueError(f"qualify for {self.tier!r}: give at least one criterion")
+        return self
+
+
+class Retention(_Strict):
+    """At each anniversary of reaching ``tier``: any criterion met over that year keeps it, else ``else_tier``."""
+
+    tier: Ident
+    year_points: int | None = Field(default=None, ge=1)
+    year_spend: MoneyText | None = None
+    year_visits: int | None = Field(default=None, ge=1)
+    else_tier: Ident
+
+    _money = field_validator("year_spend")(lambda v: None if v is None else _check_money(v))
+
+
+class Inactivity(_Strict):
+    """Members of ``tiers`` (empty: every tier) with no purchase for ``days`` are downgraded or terminated."""
+
+    days: int = Field(ge=1, le=3660)
+    tiers: list[Ident] = Field(default_factory=list)
+    action: Literal["downgrade", "terminate"]
+    to_tier: Ident | None = None
+
+    @model_validator(mode="after")
+    def _target(self) -> Inactivity:
+        if (self.action == "downgrade") != (self.to_tier is not None):
+            raise ValueError("a downgrade names to_tier; a termination does not")
+        return self
+
+
+class Rebate(_Strict):
+    """Rebate money: ``rate`` of each member's card spend since the previous settlement date, on each date."""
+
+    rate: RateText
+    dates: list[Annotated[str, Field(pattern=f"^{_MONTH_DAY_RE.pattern}$")]] = Field(min_length=1)
+    tiers: list[Ident] = Field(default_factory=list)  # empty: every tier
+
+    _rate = field_validator("rate")(_check_rate)
+
+
+class Centre(_Strict):
+    """What head office's member centre runs; lanes validate it with the rest of the file and ignore it."""
+
+    card_validity: CardValidity = Field(default_factory=CardValidity)
+    card_fee: MoneyText = "0.00"  # what a replacement card costs (seed 004: 10 yuan)
+    # Joining: receipts meeting a [[centre.qualify]] rule of the tier joined, or this fee instead (xx mall: 10 yuan).
+    join_fee: MoneyText | None = None
+    claim_window_days: int = Field(default=0, ge=0, le=365)  # 0: a receipt is claimed the day of the sale
+    expiry: Expiry = Field(default_factory=Expiry)
+    qualify: list[Qualify] = Field(default_factory=list)
+    screening_day: int = Field(default=1, ge=1, le=28)  # the monthly screening's day of the month
+    tier_years: int = Field(default=1, ge=1, le=10)  # a tier is reviewed this often after it was reached
+    retention: list[Retention] = Field(default_factory=list)
+    inactivity: list[Inactivity] = Field(default_factory=list)
+    rebate: Rebate | None = None
+
+    _fee = field_validator("card_fee")(_check_money)
+    _join_fee = field_validator("join_fee")(lambda v: None if v is None else _check_money(v))
+
+    def tier_ids(self) -> set[str]:
+        """Every tier this section names."""
+        names = {q.tier for q in self.qualify}
+        names |= {r.tier for r in self.retention} | {r.else_tier for r in self.retention}
+        for rule in self.inactivity:
+            names |= set(rule.tiers) | ({rule.to_tier} if rule.to_tier else set())
+        if self.rebate is not None:
+            names |= set(self.rebate.tiers)
+        return names
+
+
 class RulesetSpec(_Strict):
     """A whole ruleset file."""
 
@@ -303,3 +427,11 @@ class RulesetSpec(_Strict):
     points: PointsPolicy = Field(default_factory=PointsPolicy)
     tenders: Tenders = Field(default_factory=Tenders)
     rules: list[RuleSpec] = Field(default_factory=list)
+    centre: Centre = Field(default_factory=Centre)
+
+    @model_validator(mode="after")
+    def _centre_tiers(self) -> RulesetSpec:
+        unknown = sorted(self.centre.tier_ids() - {tier.id for tier in self.tiers})
+        if unknown:
+            raise ValueError(f"[centre] names tiers that are not in [[tiers]]: {', '.join(unknown)}")
+        return self

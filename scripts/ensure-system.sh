@@ -24,6 +24,8 @@ command -v gcc >/dev/null 2>&1 || missing+=(gcc)
 [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 # Head office's production database; the tests create a fresh database on the local server.
 command -v pg_ctlcluster >/dev/null 2>&1 || missing+=(postgresql)
+# The member-centre dashboard test renders head office's charts in a real headless browser.
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 if ! python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' >/dev/null 2>&1; then
     missing+=(python3-dev)
 fi

@@ -96,7 +96,8 @@ def create_hq_app(owner: DbOwner, metrics: HqMetrics, routers: Iterable[APIRoute
             "<title>lane-hq</title><style>body{font-family:sans-serif}td,th{padding:4px 10px;text-align:right}"
             "</style></head><body><h1>Lanes</h1>"
             f"<table><tr>{head}</tr>{body}</table>"
-            '<p><a href="/v1/lanes">/v1/lanes</a> · <a href="/metrics">/metrics</a> · <a href="/docs">/docs</a></p>'
+            '<p><a href="/centre">member centre</a> · <a href="/v1/lanes">/v1/lanes</a> · '
+            '<a href="/metrics">/metrics</a> · <a href="/docs">/docs</a></p>'
             "</body></html>"
         )
 

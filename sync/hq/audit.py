@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,11 @@ def audit_sale(ruleset: Ruleset, sale: Mapping[str, Any]) -> list[Difference]:
 AuditStatus = Literal["ok", "mismatch", "unknown_rules", "unreadable"]
 
 
+def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """A ruleset version as a sort key: runs of digits compare as numbers, the rest as text."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.findall(r"[0-9]+|[^0-9]+", version))
+
+
 class RulesetLibrary:
     """Every ruleset version head office has published, by ``(id, version)``, each checked by its digest.
 
@@ -119,6 +125,14 @@ class RulesetLibrary:
 
     def __len__(self) -> int:
         return len(self._by_version)
+
+    def newest(self, ruleset_id: str) -> Ruleset | None:
+        """The highest version of ``ruleset_id`` (versions compare by their numbers: 2026.12.10 > 2026.12.9)."""
+        if self._directory is not None:
+            for issue in self._scan():
+                log.warning("ruleset library: %s", issue)
+        versions = [ruleset for (rid, _), ruleset in self._by_version.items() if rid == ruleset_id]
+        return max(versions, key=lambda ruleset: version_key(ruleset.version), default=None)
 
     def find(self, ruleset_id: str, version: str, digest: str | None = None) -> Ruleset | None:
         """The ruleset a lane reported, or None when head office has no such version (or another text of it)."""

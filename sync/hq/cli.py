@@ -22,6 +22,7 @@ from agent.logs import setup_logging
 from agent.ruleset import load_ruleset
 from sync.hq import certs_cli, members_cli, rules_publish
 from sync.hq.audit import RulesetLibrary, audit_sale
+from sync.hq.centre import jobs_cli, reports_cli, whatif_cli
 from sync.hq.config import DEFAULT_PATH, HqConfig, load_hq_config
 from sync.hq.lane_api import check_snapshot_directory
 
@@ -47,10 +48,27 @@ def _load_for_run(path: str) -> tuple[HqConfig, RulesetLibrary]:
         except OSError as exc:  # ssl.SSLError included
             message = f"cannot load the HTTPS certificate and key: {exc}"
             raise InputError([Issue("api.tls_cert_file", "tls_unusable", message)], what="configuration") from exc
-    issues = check_snapshot_directory(config, path)
+    issues = check_snapshot_directory(config, path) + _check_centre(config, library)
     if issues:
         raise InputError(issues, what="configuration")
     return config, library
+
+
+def _check_centre(config: HqConfig, library: RulesetLibrary) -> list[Issue]:
+    """The member centre's programme and secrets: named ones must be there, before anything opens."""
+    centre, issues = config.centre, []
+    if centre.ruleset is not None and library.newest(centre.ruleset) is None:
+        message = f"no version of ruleset {centre.ruleset!r} is in rules.directory"
+        issues.append(Issue("centre.ruleset", "unknown_ruleset", message))
+    named_key = centre.personal_data_key_env or centre.personal_data_key_file
+    key = config.personal_data_key()
+    if named_key is not None and (key is None or len(key) < 16):
+        message = f"{named_key} holds no personal-data key ('hex:' or 'base64:', at least 16 bytes)"
+        issues.append(Issue("centre.personal_data_key", "key_unusable", str(message)))
+    named_secret = centre.staff_secret_env or centre.staff_secret_file
+    if named_secret is not None and config.staff_secret() is None:
+        issues.append(Issue("centre.staff_secret", "secret_unset", f"{named_secret} holds no staff secret"))
+    return issues
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -111,10 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("sales", nargs="+", metavar="SALE", help="JSON: {basket, member, result}")
     certs_cli.add_parsers(sub)
     members_cli.add_parsers(sub)
+    reports_cli.add_parsers(sub)
+    jobs_cli.add_parsers(sub)
+    whatif_cli.add_parsers(sub)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one return per command
     """Entry point of the ``lane-hq`` console script."""
     args = build_parser().parse_args(argv)
     try:
@@ -124,7 +145,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(args)
         if args.command in {"certs", "lanes"}:
             return certs_cli.run(args)
-        return members_cli.run(args) if args.command in {"members", "cards"} else _cmd_audit(args)
+        if args.command == "reports":
+            return reports_cli.run(args)
+        if args.command == "jobs":
+            return jobs_cli.run(args)
+        if args.command == "whatif":
+            return whatif_cli.run(args)
+        return members_cli.run(args) if args.command in {"members", "cards", "staff"} else _cmd_audit(args)
     except InputError as exc:
         print(f"lane-hq: invalid {exc.what}:", file=sys.stderr)
         for issue in exc.issues:

@@ -150,6 +150,35 @@ class ApiSection(_Section):
     tls_key_file: Path | None = Field(default=None, description="the HTTPS certificate's private key")
 
 
+class CentreSection(_Section):
+    """The member centre (docs/member-centre.md): the programme it runs, personal data, staff access."""
+
+    ruleset: str | None = Field(
+        default=None,
+        description="id of the ruleset whose [centre] section is the programme (its newest version in rules.directory)",
+    )
+    personal_data_key_env: str | None = Field(
+        default=None, description="environment variable holding the personal-data key ('hex:' + 64 hex digits)"
+    )
+    personal_data_key_file: Path | None = Field(
+        default=None, description="file holding the personal-data key (first line), readable by head office only"
+    )
+    staff_secret_env: str | None = Field(
+        default=None, description="environment variable holding the secret staff tokens derive from"
+    )
+    staff_secret_file: Path | None = Field(default=None, description="file holding that secret (first line)")
+    card_number_prefix: str = Field(
+        default="8800", pattern=r"^[0-9]{1,10}$", description="leading digits of card numbers head office issues"
+    )
+    card_number_length: int = Field(default=16, ge=12, le=19, description="digits of an issued card number")
+    worker_interval_seconds: float = Field(
+        default=2.0, gt=0, le=3600, description="how often arrived journals are looked at for tier upgrades"
+    )
+    churn_factor: float = Field(
+        default=3.0, ge=1.0, le=100.0, description="churn warning: quiet this many times the member's usual interval"
+    )
+
+
 class LoggingSection(_Section):
     """What head office logs."""
 
@@ -166,6 +195,7 @@ class HqConfig(_Section):
     api: ApiSection = Field(default_factory=ApiSection)
     members: MembersSection = Field(default_factory=MembersSection)
     lanes: LanesSection = Field(default_factory=LanesSection)
+    centre: CentreSection = Field(default_factory=CentreSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
 
     def password(self, environ: Mapping[str, str] | None = None) -> str | None:
@@ -183,6 +213,17 @@ class HqConfig(_Section):
         text = (os.environ if environ is None else environ).get(self.members.card_hash_key_env)
         return None if text is None else parse_key_text(text)
 
+    def personal_data_key(self, environ: Mapping[str, str] | None = None) -> bytes | None:
+        """The member centre's personal-data key (32 bytes), from the variable or file ``[centre]`` names."""
+        centre = self.centre
+        text = _secret_text(centre.personal_data_key_env, centre.personal_data_key_file, environ)
+        return None if text is None else parse_key_text(text)
+
+    def staff_secret(self, environ: Mapping[str, str] | None = None) -> bytes | None:
+        """The secret staff tokens derive from (``centre.staff_secret_env`` / ``staff_secret_file``)."""
+        text = _secret_text(self.centre.staff_secret_env, self.centre.staff_secret_file, environ)
+        return None if text is None else text.encode()
+
     def lane_auth_secret(self, environ: Mapping[str, str] | None = None) -> bytes | None:
         """The secret lanes' API tokens derive from (``lanes.auth_secret_env`` / ``auth_secret_file``)."""
         lanes = self.lanes
@@ -198,6 +239,20 @@ class HqConfig(_Section):
         return None
 
 
+def _secret_text(env: str | None, path: Path | None, environ: Mapping[str, str] | None) -> str | None:
+    """A secret from the variable ``env`` names, else the first line of ``path``; None when neither has one."""
+    if env is not None:
+        text = (os.environ if environ is None else environ).get(env, "").strip()
+        return text or None
+    if path is not None:
+        try:
+            first = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return first[0].strip() if first and first[0].strip() else None
+    return None
+
+
 def _paths(data: dict[str, object]) -> None:
     """TOML has no path type: turn the path keys' strings into Paths before strict validation."""
     for section, keys in (
@@ -206,6 +261,7 @@ def _paths(data: dict[str, object]) -> None:
         ("members", ("snapshot_dir",)),
         ("lanes", ("auth_secret_file",)),
         ("api", ("tls_cert_file", "tls_key_file")),
+        ("centre", ("personal_data_key_file", "staff_secret_file")),
     ):
         table = data.get(section)
         if isinstance(table, dict):

@@ -339,6 +339,25 @@ class HqDatabase:
         with self._writer.begin() as conn:
             yield conn
 
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """One write transaction, committed when the block ends (BEGIN IMMEDIATE on SQLite)."""
+        with self._writer.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        """One consistent read: REPEATABLE READ on PostgreSQL; SQLite's read transaction is one already."""
+        with self._engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                yield conn
+
+    def now(self) -> dt.datetime:
+        """The database's clock (tests give one of their own)."""
+        return self._now()
+
     # --- journal ingest ---------------------------------------------------------
 
     def apply_batch(self, batch: Batch, topic: str) -> Applied:
@@ -393,6 +412,14 @@ class HqDatabase:
                 message = f"id {entry.id} was applied before under another position; not applied again"
                 dead.append(dead_row.entry(entry, "duplicate_id", message))
         self._insert_facts(conn, batch, applied)
+        # The member centre looks at these members' tiers after the commit (sync/hq/centre/tiers.py).
+        queued = [
+            {"entry_id": entry.id, "member_id": facts.member_id, "at_utc": entry.at}
+            for entry, facts in applied
+            if facts.member_id is not None
+        ]
+        if queued:
+            _bulk_insert(conn, schema.centre_queue, queued)
         # Holds consumed, coupon uses, spend flags: against the balances before this batch moves them.
         flags = settle_sales(conn, batch.store, batch.lane, applied, now)
         if dead:

@@ -61,7 +61,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import postgresql, sqlite
 
 from agent.basket import issues_from_validation
 from agent.errors import InputError, Issue, LaneError
@@ -76,7 +76,15 @@ from agent.snapshot import (
 )
 from agent.snapshot import write_snapshot as write_snapshot_file
 from sync.hq.facts import LedgerMove
-from sync.hq.schema import HOT_CARD_STATES, MEMBER_VERSION, hq_counters, member_cards, member_changes, members
+from sync.hq.schema import (
+    HOT_CARD_STATES,
+    MEMBER_VERSION,
+    centre_ledger,
+    hq_counters,
+    member_cards,
+    member_changes,
+    members,
+)
 
 log = logging.getLogger(__name__)
 
@@ -408,6 +416,98 @@ def apply_movements(conn: Connection, movements: Iterable[LedgerMove], now: dt.d
     return Moved(done[-1][1] if done else head_version(conn), len(done), unknown)
 
 
+# --- the centre ledger: balances moved by head office itself -------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Movement:
+    """One centre-ledger row to be: a balance movement no lane journal entry caused (docs/member-centre.md).
+
+    ``key`` names the movement so that it happens once: a job run twice, a
+    request retried, a claim made again all find their key taken.
+    """
+
+    key: str
+    member_id: str
+    kind: str  # adjust, claim, expire, rebate_credit, import (schema.CENTRE_LEDGER_KINDS)
+    points: int
+    rebate_fen: int
+    on_date: dt.date
+    actor: str
+    reason: str
+    ref: str | None = None
+
+
+def _insert_new_keys(conn: Connection, rows: list[dict[str, Any]]) -> set[str]:
+    """Insert the ledger rows whose key is not taken; the keys inserted."""
+    if not rows:
+        return set()
+    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(centre_ledger)
+    stmt = insert.on_conflict_do_nothing(index_elements=[centre_ledger.c.key]).returning(centre_ledger.c.key)
+    taken: set[str] = set()
+    for start in range(0, len(rows), 1000):  # SQLite's bound-parameter limit; RETURNING needs a row per execute
+        taken.update(conn.execute(stmt.values(rows[start : start + 1000])).scalars())
+    return taken
+
+
+def record_movements(
+    conn: Connection, movements: Sequence[Movement], now: dt.datetime, *, allow_negative: bool = False
+) -> list[Movement]:
+    """Write the movements whose key is new and move those members' balances; the movements written.
+
+    The members' rows are locked first (member_id order, as everywhere), then
+    the ledger rows are inserted -- so a concurrent batch of the same members
+    waits at the member rows, never in a cycle -- then each member whose
+    balances moved takes one new member version, which reaches the lanes.
+    Raises MemberError for an unknown member, and for a balance taken below
+    zero unless ``allow_negative`` (lanes' offline spending may have done so).
+    """
+    if not movements:
+        return []
+    state = _load(conn, {move.member_id for move in movements})
+    unknown = sorted({move.member_id for move in movements} - set(state))
+    if unknown:
+        raise MemberError("unknown_member", f"member {unknown[0]!r} is not in head office's member table")
+    rows = [
+        {
+            "key": move.key,
+            "member_id": move.member_id,
+            "kind": move.kind,
+            "points": move.points,
+            "rebate_fen": move.rebate_fen,
+            "on_date": move.on_date,
+            "at_utc": now,
+            "actor": move.actor,
+            "reason": move.reason,
+            "ref": move.ref,
+        }
+        for move in movements
+    ]
+    taken = _insert_new_keys(conn, rows)
+    written = [move for move in movements if move.key in taken]
+    reasons: dict[str, set[str]] = {}
+    for move in written:
+        member = state[move.member_id]
+        member.points_balance += move.points
+        member.rebate_fen += move.rebate_fen
+        reasons.setdefault(move.member_id, set()).add(move.kind)
+    pending = []
+    for member_id in sorted(reasons):
+        member = state[member_id]
+        if not allow_negative and (member.points_balance < 0 or member.rebate_fen < 0):
+            raise MemberError(
+                "negative_balance",
+                f"member {member_id!r} would have {member.points_balance} points and "
+                f"{format_fen(member.rebate_fen)} rebate: a balance may not go below zero",
+            )
+        if member.points_balance > MAX_POINTS or member.rebate_fen > MAX_FEN:
+            raise MemberError("balance_too_large", f"member {member_id!r}: the balance would be out of range")
+        kinds = "+".join(sorted(reasons[member_id]))
+        pending.append(_Pending(member, f"centre: {kinds}", cards_changed=False))
+    _commit(conn, pending, now)
+    return written
+
+
 # --- administration ------------------------------------------------------------------
 
 
@@ -477,24 +577,38 @@ def set_tier(
     return Change(member_id, version)
 
 
-def adjust(conn: Connection, member_id: str, points: int, rebate_fen: int, reason: str, now: dt.datetime) -> Change:
-    """Add ``points`` and ``rebate_fen`` (either may be negative) to a member's balances."""
+def adjust(
+    conn: Connection,
+    member_id: str,
+    points: int,
+    rebate_fen: int,
+    reason: str,
+    now: dt.datetime,
+    *,
+    actor: str = "cli",
+    on_date: dt.date | None = None,
+    key: str | None = None,
+) -> Change:
+    """Add ``points`` and ``rebate_fen`` (either may be negative) to a member's balances: a centre-ledger row.
+
+    ``key`` makes a retried request a no-op (default: a new one each call);
+    ``on_date`` is the business day it counts on (default: UTC's date of ``now``).
+    """
     reason = _reason(reason)
     if not (points or rebate_fen):
         raise MemberError("no_adjustment", "an adjustment moves points or rebate (or both)")
-    member = _one(conn, member_id)
-    member.points_balance += points
-    member.rebate_fen += rebate_fen
-    if member.points_balance < 0 or member.rebate_fen < 0:
-        raise MemberError(
-            "negative_balance",
-            f"member {member_id!r} would have {member.points_balance} points and {format_fen(member.rebate_fen)} "
-            "rebate: an adjustment may not take a balance below zero",
-        )
-    if member.points_balance > MAX_POINTS or member.rebate_fen > MAX_FEN:
-        raise MemberError("balance_too_large", f"member {member_id!r}: the balance would be out of range")
-    [(_, version)] = _commit(conn, [_Pending(member, reason, cards_changed=False)], now)
-    return Change(member_id, version)
+    move = Movement(
+        key=key or f"adjust:{uuid.uuid4()}",
+        member_id=member_id,
+        kind="adjust",
+        points=points,
+        rebate_fen=rebate_fen,
+        on_date=on_date or now.date(),
+        actor=actor,
+        reason=reason,
+    )
+    record_movements(conn, [move], now)
+    return Change(member_id, _one(conn, member_id).version)
 
 
 def get_member(conn: Connection, member_id: str) -> Member | None:
@@ -616,6 +730,36 @@ def _from_line(line: SnapshotMember, now: dt.datetime) -> Member:
     )
 
 
+def _import_ledger_rows(
+    pending: Iterable[_Pending], before: Mapping[str, tuple[int, int]], now: dt.datetime, reason: str
+) -> list[dict[str, Any]]:
+    """The ledger rows of what an import did to balances (the file's balances become head office's).
+
+    One row per member whose balances the import moved, so that every balance
+    stays the sum of the member's ledger rows.
+    """
+    rows = []
+    for change in pending:
+        member = change.member
+        points, rebate = before.get(member.member_id, (0, 0))
+        if member.points_balance != points or member.rebate_fen != rebate:
+            rows.append(
+                {
+                    "key": f"import:{member.version}",
+                    "member_id": member.member_id,
+                    "kind": "import",
+                    "points": member.points_balance - points,
+                    "rebate_fen": member.rebate_fen - rebate,
+                    "on_date": now.date(),
+                    "at_utc": now,
+                    "actor": "import",
+                    "reason": reason,
+                    "ref": None,
+                }
+            )
+    return rows
+
+
 def import_chunk(conn: Connection, lines: Sequence[SnapshotMember], now: dt.datetime, reason: str) -> ImportedChunk:
     """Make head office's members match ``lines`` (tier, birthday, balances, cards exactly as given).
 
@@ -655,6 +799,8 @@ def import_chunk(conn: Connection, lines: Sequence[SnapshotMember], now: dt.date
         else:
             unchanged += 1
     done = _commit(conn, list(pending.values()), now)
+    before = {member_id: (content[5], content[6]) for member_id, content in original.items()}
+    _insert_rows(conn, centre_ledger, _import_ledger_rows(pending.values(), before, now, reason))
     return ImportedChunk(len(done), unchanged, done[-1][1] if done else head_version(conn))
 
 
@@ -879,9 +1025,15 @@ class MemberTable:
         with self._write() as conn:
             return set_tier(conn, member_id, tier, next_tier, next_tier_from, reason, self._now())
 
-    def adjust(self, member_id: str, points: int, rebate_fen: int, reason: str) -> Change:
+    def adjust(
+        self, member_id: str, points: int, rebate_fen: int, reason: str, *, actor: str = "cli", key: str | None = None
+    ) -> Change:
         with self._write() as conn:
-            return adjust(conn, member_id, points, rebate_fen, reason, self._now())
+            return adjust(conn, member_id, points, rebate_fen, reason, self._now(), actor=actor, key=key)
+
+    def record_movements(self, movements: Sequence[Movement], *, allow_negative: bool = False) -> list[Movement]:
+        with self._write() as conn:
+            return record_movements(conn, movements, self._now(), allow_negative=allow_negative)
 
     def import_members(self, path: Path, card_key: bytes, reason: str = "import") -> ImportResult:
         """Seed or update head office's members from a member-snapshot file; InputError when it is invalid.

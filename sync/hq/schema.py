@@ -393,11 +393,192 @@ def _create_v3(conn: Connection) -> None:
     metadata.create_all(conn, tables=_V3_TABLES, checkfirst=False)
 
 
+# --- migration 4: the member centre (docs/member-centre.md, sync/hq/centre/) -------------------
+
+PROFILE_STATES = ("active", "cancelled")
+CARD_ROLES = ("owner", "family")
+CENTRE_LEDGER_KINDS = ("adjust", "claim", "expire", "rebate_credit", "import")
+TIER_CHANGE_KINDS = ("upgrade", "retain", "downgrade", "terminate", "manual", "effective")
+
+# Personal data: each *_enc column is sync.hq.centre.pii's "v1.<key id>.<base64url(nonce|ciphertext|tag)>"
+# (AES-256-GCM, the member id as associated data); look-ups go through keyed hashes, never the text.
+member_profiles = Table(
+    "member_profiles",
+    metadata,
+    Column("member_id", Text, ForeignKey("members.member_id"), primary_key=True),
+    Column("status", Text, nullable=False),
+    Column("name_enc", Text),
+    Column("phone_enc", Text),
+    Column("id_number_enc", Text),
+    Column("address_enc", Text),
+    Column("email_enc", Text),
+    Column("phone_hash", Text),  # HMAC-SHA256 of the normalised phone number under the personal-data key
+    Column("id_number_hash", Text),  # the same for the ID number: the service desk checks ID for a lost card
+    Column("marketing_consent", Integer, nullable=False),  # 0 or 1
+    Column("registered_at", UtcDateTime, nullable=False),
+    Column("registered_store", Text),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Column("cancelled_at", UtcDateTime),
+    CheckConstraint("status IN ('active', 'cancelled')", name="member_profiles_status"),
+    CheckConstraint("marketing_consent IN (0, 1)", name="member_profiles_consent"),
+)
+Index("member_profiles_phone", member_profiles.c.phone_hash)
+Index("member_profiles_id_number", member_profiles.c.id_number_hash)
+
+# What the service desk knows of each card it issued (member_cards is what lanes see of it).
+card_register = Table(
+    "card_register",
+    metadata,
+    Column("card_hash", Text, primary_key=True),
+    Column("member_id", Text, ForeignKey("members.member_id"), nullable=False),
+    Column("number_masked", Text, nullable=False),  # "************1234": the last four digits only
+    Column("role", Text, nullable=False),  # owner, or a family card on the same account
+    Column("holder_enc", Text),  # a family card's holder's name, encrypted like the profile
+    Column("issued_on", Date, nullable=False),  # the programme's local date; valid from the day after
+    Column("issued_at", UtcDateTime, nullable=False),
+    Column("issued_by", Text, nullable=False),
+    Column("replaces", Text),  # the card hash this one replaced (lost, damaged, renewed)
+    Column("fee_fen", BigInteger, nullable=False),
+    CheckConstraint("role IN ('owner', 'family')", name="card_register_role"),
+)
+Index("card_register_member", card_register.c.member_id)
+
+# Movements of balances that no lane journal entry caused; with points_ledger, the whole ledger.
+# Append-only; ``key`` makes each movement happen once (a job run twice writes nothing new).
+centre_ledger = Table(
+    "centre_ledger",
+    metadata,
+    Column("id", _RowId, primary_key=True, autoincrement=True),
+    Column("key", Text, nullable=False, unique=True),
+    Column("member_id", Text, ForeignKey("members.member_id"), nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("points", BigInteger, nullable=False),
+    Column("rebate_fen", BigInteger, nullable=False),
+    Column("on_date", Date, nullable=False),  # the programme-local business day it belongs to
+    Column("at_utc", UtcDateTime, nullable=False),
+    Column("actor", Text, nullable=False),  # a staff name, a job ("job:expiry"), "import"
+    Column("reason", Text, nullable=False),
+    Column("ref", Text),  # what it refers to: the claimed sale's entry id, the expired lots' date, …
+    CheckConstraint(
+        "kind IN ('adjust', 'claim', 'expire', 'rebate_credit', 'import')",
+        name="centre_ledger_kind",
+    ),
+)
+Index("centre_ledger_member", centre_ledger.c.member_id, centre_ledger.c.on_date)
+Index("centre_ledger_date", centre_ledger.c.on_date, centre_ledger.c.kind)
+
+# A receipt attached to a member after the sale (补积分): counts as the member's spend from then on.
+sale_claims = Table(
+    "sale_claims",
+    metadata,
+    Column("entry_id", Text, ForeignKey("journal_entries.id"), primary_key=True),  # a receipt is claimed once
+    Column("member_id", Text, ForeignKey("members.member_id"), nullable=False),
+    Column("points", BigInteger, nullable=False),
+    Column("claimed_at", UtcDateTime, nullable=False),
+    Column("actor", Text, nullable=False),
+)
+Index("sale_claims_member", sale_claims.c.member_id)
+
+# Every tier decision: what the member had, what it gets and from which day, and why.
+tier_history = Table(
+    "tier_history",
+    metadata,
+    Column("id", _RowId, primary_key=True, autoincrement=True),
+    Column("key", Text, nullable=False, unique=True),
+    Column("member_id", Text, ForeignKey("members.member_id"), nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("from_tier", Text),
+    Column("to_tier", Text),  # NULL: membership terminated
+    Column("effective_from", Date, nullable=False),
+    Column("decided_on", Date, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("at_utc", UtcDateTime, nullable=False),
+    CheckConstraint(
+        "kind IN ('upgrade', 'retain', 'downgrade', 'terminate', 'manual', 'effective')",
+        name="tier_history_kind",
+    ),
+)
+Index("tier_history_member", tier_history.c.member_id, tier_history.c.effective_from)
+
+# Messages owed to members (a tier reached, a rebate credited); sending them is another system's job.
+notifications = Table(
+    "notifications",
+    metadata,
+    Column("id", _RowId, primary_key=True, autoincrement=True),
+    Column("key", Text, nullable=False, unique=True),
+    Column("member_id", Text, ForeignKey("members.member_id"), nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("detail", Text, nullable=False),  # JSON, no personal data
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("sent_at", UtcDateTime),
+)
+Index("notifications_member", notifications.c.member_id)
+
+# Who changed what at the service desk or by a job; details name no personal data.
+centre_audit = Table(
+    "centre_audit",
+    metadata,
+    Column("id", _RowId, primary_key=True, autoincrement=True),
+    Column("at", UtcDateTime, nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("action", Text, nullable=False),
+    Column("member_id", Text),
+    Column("card_hash", Text),
+    Column("reason", Text, nullable=False),
+    Column("detail", Text, nullable=False),  # JSON
+)
+Index("centre_audit_member", centre_audit.c.member_id, centre_audit.c.at)
+
+# Journal entries of members whose tier head office has not yet looked at (the centre worker's queue).
+centre_queue = Table(
+    "centre_queue",
+    metadata,
+    Column("entry_id", Text, ForeignKey("journal_entries.id"), primary_key=True),
+    Column("member_id", Text, nullable=False),
+    Column("at_utc", UtcDateTime, nullable=False),
+)
+
+# The last run of each batch job for each day (a run again recomputes; its writes are keyed).
+job_runs = Table(
+    "job_runs",
+    metadata,
+    Column("job", Text, nullable=False),
+    Column("on_date", Date, nullable=False),
+    Column("runs", Integer, nullable=False),
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("finished_at", UtcDateTime, nullable=False),
+    Column("summary", Text, nullable=False),  # JSON: what the last run did
+    PrimaryKeyConstraint("job", "on_date", name="job_runs_pkey"),
+)
+
+_V4_TABLES = [
+    member_profiles,
+    card_register,
+    centre_ledger,
+    sale_claims,
+    tier_history,
+    notifications,
+    centre_audit,
+    centre_queue,
+    job_runs,
+]
+
+
+def _create_v4(conn: Connection) -> None:
+    metadata.create_all(conn, tables=_V4_TABLES, checkfirst=False)
+    # The centre reads sales by member and by day (tiers, rebates, churn, reports).  Written as DDL
+    # rather than declared on ``sales``, which would make migration 1 create them too.
+    conn.execute(text("CREATE INDEX sales_member_at ON sales (member_id, at_utc)"))
+    conn.execute(text("CREATE INDEX sales_at ON sales (at_utc)"))
+    conn.execute(text("CREATE INDEX returns_member_at ON returns (member_id, at_utc)"))
+
+
 Migration = tuple[int, str, Callable[[Connection], None]]
 MIGRATIONS: tuple[Migration, ...] = (
     (1, "journal, sales, returns, voids, points ledger, cursors", _create_v1),
     (2, "member table, cards, change log, counters", _create_v2),
     (3, "redemption holds, coupon uses, spend flags", _create_v3),
+    (4, "member centre: profiles, card register, centre ledger, claims, tiers, notifications, audit, jobs", _create_v4),
 )
 LATEST = MIGRATIONS[-1][0]
 

@@ -3,7 +3,9 @@
 Start-up order: the configuration is validated, the rulesets loaded, the
 database opened and migrated; then the tasks start: ``ingest`` (MQTT, with its
 own reconnect loop), ``downlink`` (the member notice and hot list, its own
-MQTT client), ``audit`` and ``api``.  SIGTERM or SIGINT cancels them;
+MQTT client), ``audit``, ``centre`` (the member centre's tier upgrades as
+journals arrive and its daily jobs, on a database connection of its own) and
+``api``.  SIGTERM or SIGINT cancels them;
 work queued on the database thread runs to its commit before the database
 closes.
 """
@@ -23,6 +25,8 @@ from sync.hq import holds_api, lane_api
 from sync.hq.api import create_hq_app
 from sync.hq.audit import RulesetLibrary
 from sync.hq.auditor import Auditor
+from sync.hq.centre import jobs_api, members_api, reports_api, whatif_api
+from sync.hq.centre.worker import CentreWorker
 from sync.hq.config import HqConfig
 from sync.hq.db import HqDatabase
 from sync.hq.downlink import Downlink
@@ -75,11 +79,16 @@ async def serve(config: HqConfig, library: RulesetLibrary) -> None:
             tasks.append(group.create_task(downlink.run(), name="downlink"))
             if auditor is not None:
                 tasks.append(group.create_task(auditor.run(), name="audit"))
+            tasks.append(group.create_task(CentreWorker(config, library, metrics).run(), name="centre"))
             server = None
             if config.api.enabled:
                 routers = [
                     holds_api.router(config, owner, metrics),
                     lane_api.router(config, owner, snapshot_dir=snapshot_dir),
+                    members_api.router(config, owner, library),
+                    jobs_api.router(config, owner, library),
+                    reports_api.router(config, owner, library),
+                    whatif_api.router(config, owner, library),
                 ]
                 server = _Server(
                     uvicorn.Config(
