@@ -276,6 +276,8 @@ class HeadOffice:
             f'[members]\ncard_hash_key = "hex:{key.hex()}"\nsnapshot_dir = "{work / "snapshots"}"\n'
             f"snapshot_every_changes = 1\n\n"
             f'[lanes]\nauth_secret_file = "{secret_file}"\n\n'
+            # The member centre runs the 888 mall's programme: its dashboard is /centre.
+            f'[centre]\nruleset = "888-mall"\n\n'
             f'[api]\nport = {self.port}\n\n[logging]\nlevel = "ERROR"\n',
             encoding="utf-8",
         )
@@ -371,8 +373,11 @@ def _report(lanes: list[Lane], hq_port: int) -> None:
             f"{'-' if lag is None else f'{lag:.2f}':>7}{row.get('duplicates', 0):>6}{row.get('dead_letters', 0):>6}"
             f"{row.get('audit_mismatches', 0):>8}{status['member_table']['version']:>11}"
         )
+    tiers = httpx.get(f"http://127.0.0.1:{hq_port}/v1/reports/tiers", timeout=10).json()["rows"]
+    _say("  member centre, members by tier: " + ", ".join(f"{row['tier']} {row['members']}" for row in tiers))
     _say(
-        f"\n  head office dashboard: http://127.0.0.1:{hq_port}/   figures: /v1/lanes   metrics: /metrics"
+        f"\n  head office dashboard: http://127.0.0.1:{hq_port}/   member centre: /centre   figures: /v1/lanes"
+        "   metrics: /metrics"
         f"\n  a lane's POS API docs: http://127.0.0.1:{lanes[0].port}/docs   protocol: docs/protocol.md"
     )
 
