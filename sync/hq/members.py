@@ -442,7 +442,16 @@ def _insert_new_keys(conn: Connection, rows: list[dict[str, Any]]) -> set[str]:
     """Insert the ledger rows whose key is not taken; the keys inserted."""
     if not rows:
         return set()
-    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(centre_ledger)
+    if conn.dialect.name == "postgresql":
+        # One JSON parameter for the whole batch, as _insert_rows: a bind parameter per value cost ~0.5 ms a row.
+        names = list(rows[0])
+        sql = (
+            f"INSERT INTO centre_ledger ({', '.join(names)}) SELECT {', '.join(f'r.{n}' for n in names)} FROM "  # noqa: S608 - our own names
+            + _recordset(conn, centre_ledger, names)
+            + " ON CONFLICT (key) DO NOTHING RETURNING key"
+        )
+        return set(conn.execute(text(sql), {"rows": orjson.dumps(rows).decode()}).scalars())
+    insert = sqlite.insert(centre_ledger)
     stmt = insert.on_conflict_do_nothing(index_elements=[centre_ledger.c.key]).returning(centre_ledger.c.key)
     taken: set[str] = set()
     for start in range(0, len(rows), 1000):  # SQLite's bound-parameter limit; RETURNING needs a row per execute
