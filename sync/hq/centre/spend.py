@@ -38,9 +38,6 @@ class MemberDays:
     def visits_between(self, first: dt.date, last: dt.date) -> int:
         return sum(1 for day in self.visits if first <= day <= last)
 
-    def last_visit(self) -> dt.date | None:
-        return max(self.visits, default=None)
-
 
 def _chunks(member_ids: Collection[str] | None) -> list[list[str] | None]:
     if member_ids is None:
