@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all test check bench demo system clean
+.PHONY: all test check bench soak fuzz demo system clean
 
 all: check test
 
@@ -29,11 +29,16 @@ check: $(STAMP)
 	$(VENV)/bin/mypy
 
 bench: $(STAMP)
-	$(PY) -m bench.run
-	$(PY) -m bench.api
-	$(PY) -m bench.swipe
-	$(PY) -m bench.sync
-	$(PY) -m bench.members
+	$(PY) -m bench.suite
+
+# The long fault soak: lanes selling through kills, broker restarts, head-office
+# outages and a full disk (docs/reliability.md).  make test runs a short form.
+soak: $(STAMP)
+	$(PY) tests/soak.py --long
+
+# The long fuzzing run: the same fuzz tests as make test with many more examples.
+fuzz: $(STAMP)
+	LANE_FUZZ=long $(PY) -m pytest -p no:cacheprovider tests/test_fuzz_pos_api.py tests/test_fuzz_hq_mqtt.py tests/test_fuzz_decoders.py
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py

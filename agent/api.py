@@ -134,7 +134,8 @@ class Gate:
             await self.app(scope, receive, send_timed)
         finally:
             route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
+            # path_format: "/v1/sales/{sale_id}/void", without the route's ":path" converter.
+            template = getattr(route, "path_format", "unmatched")
             if template != "/v1/events":  # a stream's lifetime is not a latency
                 self.metrics.latency.labels(template).observe(time.perf_counter() - started)
             if sent_start:
@@ -331,7 +332,9 @@ def create_app(  # noqa: C901 - one nested function per route reads best
         _count(metrics, "return", replayed)
         return JSONBody(response, headers={"Idempotent-Replay": "true"} if replayed else None)
 
-    @app.post("/v1/sales/{sale_id}/void", dependencies=v1, responses=_ERRORS, tags=["sales"])
+    # ":path": a sale id may hold "/" (any printable ASCII, pos_models.Key), which the client sends as %2F
+    # and the server decodes before routing; the OpenAPI document still reads /v1/sales/{sale_id}/void.
+    @app.post("/v1/sales/{sale_id:path}/void", dependencies=v1, responses=_ERRORS, tags=["sales"])
     async def void(
         raw: Request,
         sale_id: Annotated[Key, Path(description="the sale's POS id")],

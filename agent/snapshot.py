@@ -566,7 +566,7 @@ class SnapshotReader:
         """Whether ``raw`` is the trailer line; checks it when it is."""
         try:
             data: Any = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the interpreter's stack
             return False
         if not isinstance(data, dict) or data.get("kind") != "end":
             return False

@@ -244,7 +244,8 @@ def _parse(payload: bytes) -> dict[str, Any]:
         raise _bad(f"the envelope is {len(payload)} bytes, above the limit of {MAX_ENVELOPE_BYTES}")
     try:
         doc = json.loads(payload.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
-    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+    # JSONDecodeError is a ValueError; RecursionError: JSON nested deeper than the interpreter's stack.
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise EnvelopeError("bad_json", f"not a JSON document: {exc}") from exc
     if not isinstance(doc, dict):
         raise _bad("the envelope is a JSON object")

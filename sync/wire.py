@@ -193,7 +193,7 @@ def decode_batch(store: str, lane: str, payload: bytes) -> Batch:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise WireError("too_large", f"{len(payload)} bytes; at most {MAX_PAYLOAD_BYTES} are accepted")
     doc = _json_object(payload)
-    if doc.get("v") != WIRE_VERSION:
+    if not _is_version(doc.get("v")):
         raise WireError("bad_version", f"wire version {doc.get('v')!r}; this head office reads version {WIRE_VERSION}")
     if doc.get("store") != store or doc.get("lane") != lane:
         raise WireError(
@@ -235,6 +235,11 @@ class _EntryError(Exception):
         self.message = message
 
 
+def _is_version(value: object) -> bool:
+    # type(): JSON true and 1.0 compare equal to 1 in Python, and neither is version 1.
+    return type(value) is int and value == WIRE_VERSION
+
+
 def _is_seq(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value < 2**63
 
@@ -242,7 +247,7 @@ def _is_seq(value: object) -> bool:
 def _entry(store: str, lane: str, raw: object) -> Entry:  # noqa: C901 - one flat check per field
     if not isinstance(raw, dict):
         raise _EntryError("bad_entry", "an entry is a JSON object")
-    if raw.get("v") != WIRE_VERSION:
+    if not _is_version(raw.get("v")):
         raise _EntryError("bad_version", f"entry version {raw.get('v')!r}")
     if raw.get("store") != store or raw.get("lane") != lane:
         raise _EntryError("lane_mismatch", f"the entry names {raw.get('store')!r}/{raw.get('lane')!r}")
@@ -299,7 +304,8 @@ def _json_object(payload: bytes) -> dict[str, Any]:
         # library takes it, and head office stores such text escaped rather than lose the entry.
         try:
             doc = json.loads(payload)
-        except (UnicodeDecodeError, ValueError) as exc:
+        # RecursionError: JSON nested deeper than the interpreter's stack (orjson stops at 1,024 levels first).
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise WireError("not_json", f"not JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise WireError("not_object", "a message is a JSON object")
@@ -334,7 +340,7 @@ def encode_ack(store: str, lane: str, epoch: str, seq: int, member_version: int 
 def decode_ack(store: str, lane: str, payload: bytes) -> Ack:
     """An acknowledgement received on this lane's ack topic; WireError when malformed or for another lane."""
     doc = _json_object(payload)
-    if doc.get("v") != WIRE_VERSION:
+    if not _is_version(doc.get("v")):
         raise WireError("bad_version", f"ack version {doc.get('v')!r}")
     if doc.get("store") != store or doc.get("lane") != lane:
         raise WireError("lane_mismatch", f"an ack for {doc.get('store')!r}/{doc.get('lane')!r}")
@@ -372,7 +378,7 @@ def encode_state(store: str, lane: str, state: Literal["online", "offline"], ses
 def decode_state(store: str, lane: str, payload: bytes) -> LaneState:
     """A state message received on this lane's state topic; WireError when malformed or for another lane."""
     doc = _json_object(payload)
-    if doc.get("v") != WIRE_VERSION:
+    if not _is_version(doc.get("v")):
         raise WireError("bad_version", f"state version {doc.get('v')!r}")
     if doc.get("store") != store or doc.get("lane") != lane:
         raise WireError("lane_mismatch", f"a state for {doc.get('store')!r}/{doc.get('lane')!r}")

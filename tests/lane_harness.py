@@ -105,6 +105,7 @@ class Lane:
     process: subprocess.Popen[bytes] | None = None
     notify: socket.socket | None = None
     notes: list[str] = field(default_factory=list)
+    lane_id: str = "lane-03"
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -118,7 +119,7 @@ class Lane:
             f"""
 [lane]
 store = "store-0101"
-lane = "lane-03"
+lane = "{self.lane_id}"
 timezone = "Asia/Shanghai"
 
 [api]

@@ -72,7 +72,7 @@ async def _body(request: Request) -> HoldIn:
     raw = await request.body()
     try:
         document: Any = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise _error(400, "json_syntax", f"the body is not valid JSON: {exc}") from None
     try:
         return HoldIn.model_validate(document)

@@ -110,7 +110,7 @@ def _inputs(raw: bytes, config: HqConfig, library: RulesetLibrary) -> tuple[Rule
     """The live and draft rulesets and the period of a request body; _RefusedError with the error answer."""
     try:
         document: Any = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise _RefusedError(_error(400, "json_syntax", f"the body is not valid JSON: {exc}")) from None
     try:
         body = WhatIfIn.model_validate(document)
