@@ -17,10 +17,17 @@ import sqlalchemy as sa
 pytestmark = pytest.mark.timeout(900)
 
 
-def test_the_short_soak_loses_and_doubles_nothing_through_kills_outages_and_a_full_disk(tmp_path: Path) -> None:
+def test_the_short_soak_loses_and_doubles_nothing_through_kills_outages_and_a_full_disk(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     plan = soak.SHORT
     report = soak.run(plan, tmp_path / "soak")
-    print("\n".join(report.lines()))
+    # The counts show in make test's output (as the fuzzers' summaries do), capture or not.
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if capture is not None and reporter is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line("\n" + "\n".join(report.lines()))
     assert (report.duplicates, report.lost, report.unexpected, report.pii_findings) == (0, 0, 0, 0)
     # The faults happened, and the lanes felt them.
     faults = report.faults
